@@ -1,0 +1,328 @@
+"""The ``xml-pipeline`` command line.
+
+Commands read the local log directly (``--data DIR``); output is for people by default and
+JSON with ``--json``. Exit status: 0 success, 1 a problem was found (invalid organism,
+damaged log), 2 wrong usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import msgspec
+
+from xml_pipeline.envelope import format_timestamp
+from xml_pipeline.errors import LogError, OrganismError
+from xml_pipeline.events import CATALOGUE, Event, Recorded
+from xml_pipeline.log.file import open_file_log
+from xml_pipeline.log.segments import verify_log
+from xml_pipeline.organism import Organism, load_organism
+from xml_pipeline.state import State, latest_snapshot, replay, save_snapshot
+
+__all__ = ["main"]
+
+DEFAULT_ORGANISM = "organism.yaml"
+DEFAULT_DATA = ".xml-pipeline/events"
+
+
+class _Style:
+    def __init__(self, stream: TextIO) -> None:
+        self.on = stream.isatty() and os.environ.get("NO_COLOR") is None
+
+    def __call__(self, text: str, code: str) -> str:
+        return f"\033[{code}m{text}\033[0m" if self.on else text
+
+
+# ------------------------------------------------------------------ check
+
+
+def _summary(organism: Organism) -> str:
+    lines = [f"organism {organism.name!r} ({organism.path}) is valid",
+             f"  log:    {organism.log.url or organism.log.path} (fsync: {organism.log.fsync})",
+             f"  api:    http://{organism.api.host}:{organism.api.port}/api/v1"]
+    budgets = organism.budgets
+    limits = [f"{k}={v}" for k, v in (("thread_tokens", budgets.thread_tokens),
+                                      ("agent_tokens", budgets.agent_tokens),
+                                      ("organism_tokens", budgets.organism_tokens)) if v]
+    lines.append(f"  budgets: {', '.join(limits) or 'none'}")
+    lines.append(f"  listeners ({len(organism.listeners)}):")
+    width = max((len(n) for n in organism.listeners), default=0)
+    for listener in organism.listeners.values():
+        kind = f"agent {listener.agent.model}" if listener.agent else listener.handler
+        peers = ", ".join(listener.peers) or "(no peers)"
+        lines.append(f"    {listener.name:<{width}}  <{listener.schema.root}>  {kind}  -> {peers}")
+        lines.append(f"    {'':<{width}}  {listener.description}")
+    return "\n".join(lines)
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    try:
+        organism = load_organism(args.organism)
+    except OrganismError as exc:
+        if args.json:
+            print(json.dumps({"valid": False, "problems": [
+                {"file": p.file, "line": p.line, "message": p.message} for p in exc.problems]}))
+        else:
+            print(exc.message, file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"valid": True, "name": organism.name, "listeners": [
+            listener.summary() for listener in organism.listeners.values()]}))
+    else:
+        print(_summary(organism))
+    return 0
+
+
+# ------------------------------------------------------------------ data directory
+
+
+def _data_dir(args: argparse.Namespace) -> Path:
+    if args.data:
+        return Path(args.data)
+    organism_file = Path(DEFAULT_ORGANISM)
+    if organism_file.exists():
+        try:
+            organism = load_organism(organism_file)
+        except OrganismError:
+            pass
+        else:
+            if organism.log.path is not None:
+                return organism.log.path
+    return Path(DEFAULT_DATA)
+
+
+# ------------------------------------------------------------------ replay
+
+
+def _state_summary(state: State, counts: Counter[str]) -> dict[str, Any]:
+    threads = Counter(t.status for t in state.threads.threads.values())
+    usage = state.budgets.usage
+    return {
+        "position": state.position,
+        "events": dict(sorted(counts.items())),
+        "organism": state.agents.name,
+        "threads": dict(sorted(threads.items())),
+        "messages": len(state.threads.messages),
+        "rejected": state.threads.rejected,
+        "dead_letters": len(state.threads.dead_letters),
+        "agents": {name: info.status for name, info in state.agents.agents.items()},
+        "tokens": {"prompt": usage.prompt_tokens, "completion": usage.completion_tokens,
+                   "requests": usage.request_count, "cost": round(usage.total_cost, 6)},
+        "digest": state.digest(),
+    }
+
+
+async def _replay(args: argparse.Namespace) -> int:
+    directory = _data_dir(args)
+    if not directory.is_dir():
+        print(f"There is no log at {directory}; pass --data DIR.", file=sys.stderr)
+        return 1
+    if args.verify:
+        result = verify_log(directory)
+        if not result.ok:
+            message = (f"The log at {directory} is damaged at position {result.bad_position}: "
+                       f"{result.problem}. {result.records} records before it are intact.")
+            if args.json:
+                print(json.dumps({"ok": False, "bad_position": result.bad_position,
+                                  "problem": result.problem, "intact_records": result.records}))
+            else:
+                print(message, file=sys.stderr)
+            return 1
+        if not args.json:
+            tail = (f" ({result.torn_bytes} incomplete bytes at the end: a write in progress "
+                    "or a torn tail, cut when the log is next opened for writing)"
+                    if result.torn_bytes else "")
+            print(f"verified {result.records} records: checksums and hash chain intact{tail}")
+    log = await open_file_log(directory, readonly=True)
+    try:
+        state = None if args.no_snapshot else latest_snapshot(directory)
+        start = state.position if state else 0
+        counts: Counter[str] = Counter()
+        result_state = state or State()
+        show_progress = sys.stderr.isatty() and not args.json
+        async for record in log.read(after=start):
+            result_state.apply(record.position, record.event)
+            counts[type(record.event).__name__] += 1
+            if show_progress and record.position % 100_000 == 0:
+                print(f"\r  replayed {record.position} events", end="", file=sys.stderr)
+        if show_progress:
+            print("\r", end="", file=sys.stderr)
+        if args.snapshot:
+            save_snapshot(directory, result_state)
+    except LogError as exc:
+        print(exc.message, file=sys.stderr)
+        return 1
+    finally:
+        await log.aclose()
+    summary = _state_summary(result_state, counts)
+    summary["from_snapshot"] = start
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    print(f"replayed {sum(counts.values())} events"
+          + (f" after the snapshot at position {start}" if start else "")
+          + f"; state at position {result_state.position}")
+    if summary["organism"]:
+        print(f"  organism: {summary['organism']}")
+    print(f"  threads:  {summary['threads'] or 'none'}")
+    print(f"  messages: {summary['messages']} accepted, {summary['rejected']} rejected, "
+          f"{summary['dead_letters']} dead letters")
+    if summary["agents"]:
+        print(f"  agents:   {summary['agents']}")
+    tokens = summary["tokens"]
+    print(f"  tokens:   {tokens['prompt']} in, {tokens['completion']} out, "
+          f"{tokens['requests']} requests, cost {tokens['cost']}")
+    print(f"  digest:   {summary['digest']}")
+    return 0
+
+
+# ------------------------------------------------------------------ tail
+
+
+def _names(event: Event) -> set[str]:
+    found = set()
+    for attr in ("listener", "agent", "sender", "to"):
+        value = getattr(event, attr, None)
+        if isinstance(value, str):
+            found.add(value)
+    return found
+
+
+def _describe(event: Event) -> str:
+    data = msgspec.to_builtins(event)
+    data.pop("at", None)
+    if "envelope" in data:
+        data.pop("envelope")
+    for key in ("source", "listeners"):
+        if key in data:
+            data[key] = "..."
+    parts = []
+    for key, value in data.items():
+        if value is None or value == "" or value == []:
+            continue
+        text = str(value)
+        if len(text) > 80:
+            text = text[:77] + "..."
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
+
+
+class _Tail:
+    def __init__(self, args: argparse.Namespace, out: TextIO) -> None:
+        self.args = args
+        self.out = out
+        self.style = _Style(out)
+        self.thread_of: dict[str, str] = {}
+
+    def wanted(self, record: Recorded) -> bool:
+        event = record.event
+        thread_id = getattr(event, "thread_id", None)
+        message_id = getattr(event, "message_id", None)
+        if isinstance(message_id, str) and isinstance(thread_id, str):
+            self.thread_of[message_id] = thread_id
+        elif isinstance(message_id, str):
+            thread_id = self.thread_of.get(message_id)
+        if record.position <= self.args.after:
+            return False
+        if self.args.type and type(event).__name__ not in self.args.type:
+            return False
+        if self.args.thread and thread_id != self.args.thread:
+            return False
+        return not (self.args.agent and self.args.agent not in _names(event))
+
+    def show(self, record: Recorded) -> None:
+        event = record.event
+        if self.args.json:
+            line = {"position": record.position, "type": type(event).__name__,
+                    "at": format_timestamp(event.at), "data": msgspec.to_builtins(event)}
+            self.out.write(json.dumps(line) + "\n")
+        else:
+            name = type(event).__name__
+            colour = "31" if ("Rejected" in name or "Failed" in name or "Dead" in name
+                              or "Killed" in name or "Exhausted" in name) else "36"
+            self.out.write(f"{self.style(f'#{record.position}', '2')} "
+                           f"{format_timestamp(event.at)} {self.style(name, colour)} "
+                           f"{_describe(event)}\n")
+        self.out.flush()
+
+
+async def _tail(args: argparse.Namespace) -> int:
+    directory = _data_dir(args)
+    if not args.follow and not directory.is_dir():
+        print(f"There is no log at {directory}; pass --data DIR.", file=sys.stderr)
+        return 1
+    directory.mkdir(parents=True, exist_ok=True)
+    unknown = [t for t in args.type or () if t not in CATALOGUE]
+    if unknown:
+        print(f"Unknown event type(s): {', '.join(unknown)}. Known: "
+              f"{', '.join(sorted(CATALOGUE))}.", file=sys.stderr)
+        return 2
+    tail = _Tail(args, sys.stdout)
+    log = await open_file_log(directory, readonly=True)
+    # Filtering by thread needs the message -> thread map from the start of the log.
+    start = 0 if args.thread else args.after
+    try:
+        source = log.follow(after=start) if args.follow else log.read(after=start)
+        async for record in source:
+            if tail.wanted(record):
+                tail.show(record)
+    except LogError as exc:
+        print(exc.message, file=sys.stderr)
+        return 1
+    finally:
+        await log.aclose()
+    return 0
+
+
+# ------------------------------------------------------------------ entry point
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xml-pipeline",
+        description="An event-sourced, actor-style message bus with XML envelopes.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    check = commands.add_parser("check", help="validate organism.yaml and summarise it")
+    check.add_argument("organism", nargs="?", default=DEFAULT_ORGANISM)
+    check.add_argument("--json", action="store_true", help="machine-readable output")
+    check.set_defaults(run=_cmd_check)
+
+    rep = commands.add_parser("replay", help="rebuild state from the log and summarise it")
+    rep.add_argument("--data", help=f"log directory (default: organism.yaml's, or {DEFAULT_DATA})")
+    rep.add_argument("--verify", action="store_true",
+                     help="check every checksum and the whole hash chain first")
+    rep.add_argument("--no-snapshot", action="store_true", help="replay from position 0")
+    rep.add_argument("--snapshot", action="store_true", help="save a snapshot afterwards")
+    rep.add_argument("--json", action="store_true", help="machine-readable output")
+    rep.set_defaults(run=lambda a: asyncio.run(_replay(a)))
+
+    tail = commands.add_parser("tail", help="print the event log (and follow it with -f)")
+    tail.add_argument("--data", help=f"log directory (default: organism.yaml's, or {DEFAULT_DATA})")
+    tail.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
+    tail.add_argument("--thread", help="only events of this thread")
+    tail.add_argument("--agent", help="only events naming this listener")
+    tail.add_argument("--type", action="append", help="only events of this type (repeatable)")
+    tail.add_argument("--after", type=int, default=0, help="start after this position")
+    tail.add_argument("--json", action="store_true", help="one JSON object per line")
+    tail.set_defaults(run=lambda a: asyncio.run(_tail(a)))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0

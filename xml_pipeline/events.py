@@ -1,0 +1,347 @@
+"""The event catalogue: every fact the log can hold, and the mapper to stored records.
+
+Events are frozen, slotted, keyword-only dataclasses with past-tense names. They carry data
+only; ``at`` (seconds since the epoch) comes from an injected clock. The stored form is not the
+event: ``encode`` turns an event into ``(type, version, data)`` and ``decode`` turns that back,
+running upcasters for old versions. An unknown type or version is a ``RecordDecodeError``,
+never a silent skip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any, TypeAlias
+
+import msgspec
+
+from xml_pipeline.errors import RecordDecodeError
+
+__all__ = [
+    "AgentPaused",
+    "AgentResumed",
+    "BudgetExhausted",
+    "BudgetRaised",
+    "CATALOGUE",
+    "Event",
+    "HandlerFailed",
+    "HandlerSucceeded",
+    "MessageAccepted",
+    "MessageDeadLettered",
+    "MessageDelivered",
+    "MessageDropped",
+    "MessageRejected",
+    "MessageRetried",
+    "OrganismLoaded",
+    "OrganismReloaded",
+    "OrganismStarted",
+    "OrganismStopped",
+    "Recorded",
+    "ReloadRejected",
+    "ThreadCompleted",
+    "ThreadKilled",
+    "TokensReserved",
+    "TokensUsed",
+    "UPCASTERS",
+    "UsageReset",
+    "decode",
+    "encode",
+]
+
+_event = dataclass(frozen=True, slots=True, kw_only=True)
+
+
+@_event
+class Event:
+    """Base of every event. ``at`` is when it happened, from the injected clock."""
+
+    at: float
+
+
+# ------------------------------------------------------------------ the organism's life
+
+
+@_event
+class OrganismStarted(Event):
+    name: str
+    digest: str
+    pid: int
+    host: str
+    version: str
+
+
+@_event
+class OrganismLoaded(Event):
+    """The organism in force from here on: its YAML and every listener's settings."""
+
+    name: str
+    digest: str
+    source: str
+    budgets: dict[str, int | None]
+    listeners: dict[str, dict[str, Any]]
+
+
+@_event
+class OrganismReloaded(Event):
+    name: str
+    digest: str
+    source: str
+    budgets: dict[str, int | None]
+    listeners: dict[str, dict[str, Any]]
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    updated: tuple[str, ...]
+
+
+@_event
+class ReloadRejected(Event):
+    error: str
+
+
+@_event
+class OrganismStopped(Event):
+    reason: str
+
+
+# ------------------------------------------------------------------ messages
+
+
+@_event
+class MessageAccepted(Event):
+    """A valid envelope, now durable; ``envelope`` is its exact text as delivered."""
+
+    message_id: str
+    thread_id: str
+    parent_id: str | None
+    sender: str
+    to: str
+    payload_type: str
+    envelope: str
+    idempotency_key: str | None = None
+
+
+@_event
+class MessageRejected(Event):
+    """Input the bus refused, with the (capped) raw text and the reason."""
+
+    reason: str  # a stable code, e.g. "invalid_payload"
+    error: str  # the sentence given to the sender
+    raw: str
+    sender: str | None = None
+    to: str | None = None
+    thread_id: str | None = None
+    parent_id: str | None = None
+
+
+@_event
+class MessageDelivered(Event):
+    message_id: str
+    listener: str
+    attempt: int
+    redelivery: bool = False
+
+
+@_event
+class HandlerSucceeded(Event):
+    message_id: str
+    listener: str
+    duration_ms: float
+
+
+@_event
+class HandlerFailed(Event):
+    message_id: str
+    listener: str
+    attempt: int
+    error: str
+    will_retry: bool
+
+
+@_event
+class MessageRetried(Event):
+    """A failed or dead-lettered message is scheduled again (``by`` an operator, or the policy)."""
+
+    message_id: str
+    listener: str
+    attempt: int
+    delay: float
+    by: str | None = None
+
+
+@_event
+class MessageDeadLettered(Event):
+    message_id: str
+    listener: str
+    reason: str
+
+
+@_event
+class MessageDropped(Event):
+    """An accepted message that will not be delivered (its thread was killed, for instance)."""
+
+    message_id: str
+    thread_id: str
+    reason: str
+
+
+# ------------------------------------------------------------------ agents and threads
+
+
+@_event
+class AgentPaused(Event):
+    agent: str
+    by: str
+    reason: str = ""
+
+
+@_event
+class AgentResumed(Event):
+    agent: str
+    by: str
+
+
+@_event
+class ThreadKilled(Event):
+    thread_id: str
+    by: str
+    reason: str = ""
+
+
+@_event
+class ThreadCompleted(Event):
+    thread_id: str
+
+
+# ------------------------------------------------------------------ tokens and budgets
+
+
+@_event
+class TokensReserved(Event):
+    reservation_id: str
+    thread_id: str
+    agent: str
+    model: str
+    tokens: int
+
+
+@_event
+class TokensUsed(Event):
+    thread_id: str
+    agent: str
+    model: str
+    input_tokens: int
+    output_tokens: int
+    cache_read_tokens: int = 0
+    cache_creation_tokens: int = 0
+    cost: float = 0.0
+    latency_ms: float = 0.0
+    reservation_id: str | None = None
+    message_id: str | None = None
+
+
+@_event
+class BudgetExhausted(Event):
+    """A call was not made because it would exceed the budget of ``scope`` (``key``)."""
+
+    scope: str  # "thread" | "agent" | "organism"
+    key: str
+    thread_id: str
+    agent: str
+    limit: int
+    used: int
+    requested: int
+
+
+@_event
+class BudgetRaised(Event):
+    scope: str
+    key: str
+    max_tokens: int
+    by: str
+
+
+@_event
+class UsageReset(Event):
+    by: str
+
+
+# ------------------------------------------------------------------ the mapper
+
+#: Every event type by its stored name, with its current version.
+CATALOGUE: dict[str, type[Event]] = {
+    cls.__name__: cls
+    for cls in (
+        OrganismStarted, OrganismLoaded, OrganismReloaded, ReloadRejected, OrganismStopped,
+        MessageAccepted, MessageRejected, MessageDelivered, HandlerSucceeded, HandlerFailed,
+        MessageRetried, MessageDeadLettered, MessageDropped, AgentPaused, AgentResumed,
+        ThreadKilled, ThreadCompleted, TokensReserved, TokensUsed, BudgetExhausted,
+        BudgetRaised, UsageReset,
+    )
+}
+VERSIONS: dict[str, int] = dict.fromkeys(CATALOGUE, 1)
+
+Upcaster: TypeAlias = Callable[[dict[str, Any]], dict[str, Any]]
+#: ``(type, version) -> function`` turning that version's data into the next version's.
+UPCASTERS: dict[tuple[str, int], Upcaster] = {}
+
+_encoder = msgspec.json.Encoder()
+_decoders: dict[str, msgspec.json.Decoder[Any]] = {
+    name: msgspec.json.Decoder(cls) for name, cls in CATALOGUE.items()
+}
+_TYPE_BYTES: dict[type[Event], tuple[bytes, int]] = {
+    cls: (name.encode("ascii"), VERSIONS[name]) for name, cls in CATALOGUE.items()
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """An event with the position the log gave it."""
+
+    position: int
+    event: Event
+
+
+def encode(event: Event) -> tuple[bytes, int, bytes]:
+    """``(type, version, data)`` of an event; ``data`` is JSON."""
+    try:
+        name, version = _TYPE_BYTES[type(event)]
+    except KeyError:
+        raise TypeError(f"{type(event).__name__} is not in the event catalogue.") from None
+    return name, version, _encoder.encode(event)
+
+
+def decode(type_name: bytes | str, version: int, data: bytes) -> Event:
+    """The event stored as ``(type, version, data)``. Raises ``RecordDecodeError``."""
+    name = type_name.decode("ascii", "replace") if isinstance(type_name, bytes) else type_name
+    current = VERSIONS.get(name)
+    if current is None:
+        raise RecordDecodeError(
+            f"Unknown event type {name!r}; this version of xml-pipeline does not know it "
+            "(upgrade xml-pipeline to read this log)."
+        )
+    try:
+        if version == current:
+            return _decoders[name].decode(data)  # type: ignore[no-any-return]
+        if version > current or version < 1:
+            raise RecordDecodeError(
+                f"{name} version {version} is not known (this build reads up to version "
+                f"{current}); upgrade xml-pipeline to read this log."
+            )
+        raw = msgspec.json.decode(data)
+        for step in range(version, current):
+            upcaster = UPCASTERS.get((name, step))
+            if upcaster is None:
+                raise RecordDecodeError(
+                    f"No upcaster from {name} version {step} to {step + 1}."
+                )
+            raw = upcaster(raw)
+        return msgspec.convert(raw, CATALOGUE[name])  # type: ignore[no-any-return]
+    except msgspec.ValidationError as exc:
+        raise RecordDecodeError(f"{name} data does not fit the event: {exc}.") from exc
+    except msgspec.DecodeError as exc:
+        raise RecordDecodeError(f"{name} data cannot be decoded: {exc}.") from exc
+
+
+def event_fields(cls: type[Event]) -> tuple[str, ...]:
+    """The field names of an event type (for docs and the API)."""
+    return tuple(f.name for f in fields(cls))

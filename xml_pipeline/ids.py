@@ -1,0 +1,48 @@
+"""Identifiers: unique, roughly time-ordered, URL- and XML-safe.
+
+Message and thread ids are ULID-style: 26 characters of Crockford base32, the first ten
+encoding the millisecond timestamp and the rest randomness. Ids made by one
+``IdFactory`` are strictly increasing, even within one millisecond.
+"""
+
+from __future__ import annotations
+
+import os
+
+from xml_pipeline.types import Clock, system_clock
+
+__all__ = ["IdFactory", "is_id"]
+
+_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_RANDOM_BITS = 80
+_RANDOM_MASK = (1 << _RANDOM_BITS) - 1
+
+
+def _encode(value: int) -> str:
+    chars = []
+    for _ in range(26):
+        chars.append(_ALPHABET[value & 31])
+        value >>= 5
+    return "".join(reversed(chars))
+
+
+def is_id(text: str) -> bool:
+    """True if ``text`` has the shape of an id made here (26 Crockford base32 characters)."""
+    return len(text) == 26 and all(c in _ALPHABET for c in text)
+
+
+class IdFactory:
+    """Makes monotonic ULID-style ids from a clock and the OS random source."""
+
+    def __init__(self, *, clock: Clock = system_clock) -> None:
+        self._clock = clock
+        self._last = 0
+
+    def new(self) -> str:
+        millis = int(self._clock() * 1000) & ((1 << 48) - 1)
+        value = (millis << _RANDOM_BITS) | int.from_bytes(os.urandom(10), "big")
+        if value <= self._last:
+            # Same millisecond (or a clock that went back): keep strict order.
+            value = self._last + 1
+        self._last = value
+        return _encode(value)

@@ -1,0 +1,405 @@
+"""The default event log: segment files on the local disk, group-committed by a writer thread.
+
+Guarantees:
+
+- ``append`` returns only once its records reached the durability of the fsync policy:
+  ``always`` (each append fsynced on its own), ``batch`` (group commit: every record that
+  arrived while the previous fsync ran shares the next one) or ``never`` (written to the OS).
+- One writer per directory (an exclusive ``flock``); any number of readers, in this process or
+  others, may ``read``/``follow`` at the same time.
+- On open for writing, a torn record at the tail is detected and cut off; damage followed by
+  good records is never cut: it raises ``LogCorruptedError`` naming the position.
+- If a write or fsync fails, the records of that batch and every batch behind it fail with
+  ``LogWriteError``; nothing is acknowledged that is not durable. The next append tries again
+  from the last durable record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import threading
+from collections.abc import AsyncIterator, Sequence
+from contextlib import suppress
+from pathlib import Path
+
+from xml_pipeline.errors import LogClosedError, LogCorruptedError, LogLockedError, LogWriteError
+from xml_pipeline.events import Event, Recorded, encode
+from xml_pipeline.log.segments import (
+    GENESIS,
+    LogReader,
+    has_good_frame_after,
+    make_frame,
+    scan_segment,
+    segment_name,
+    segments,
+)
+from xml_pipeline.log.statistics import LogStatistics
+
+__all__ = ["FileLog", "open_file_log"]
+
+FSYNC_POLICIES = ("always", "batch", "never")
+_POLL_INTERVAL = 0.05  # how often followers look for records written by other processes
+
+
+class _Batch:
+    __slots__ = ("data", "count", "last_position", "last_hash", "future")
+
+    def __init__(self, data: bytes, count: int, last_position: int, last_hash: bytes,
+                 future: asyncio.Future[None]) -> None:
+        self.data = data
+        self.count = count
+        self.last_position = last_position
+        self.last_hash = last_hash
+        self.future = future
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _Writer:
+    """The thread that owns the segment file descriptor: writes, fsyncs and rotates."""
+
+    def __init__(self, *, directory: Path, fsync: str, segment_bytes: int,
+                 loop: asyncio.AbstractEventLoop, segment: Path | None, size: int,
+                 durable_position: int, durable_hash: bytes, on_durable: object) -> None:
+        self.directory = directory
+        self.fsync = fsync
+        self.segment_bytes = segment_bytes
+        self.loop = loop
+        self.segment = segment
+        self.size = size
+        self.durable_position = durable_position
+        self.durable_hash = durable_hash
+        self.failure: BaseException | None = None
+        self._on_durable = on_durable
+        self._fd: int | None = None
+        self._queue: list[_Batch] = []
+        self._cond = threading.Condition()
+        self._stopping = False
+        self.batches = 0
+        self.fsyncs = 0
+        self.largest_batch = 0
+        self.bytes_written = 0
+        self.in_flight = 0
+        self._thread = threading.Thread(target=self._run, name="xml-pipeline-log-writer",
+                                        daemon=True)
+        self._thread.start()
+
+    def submit(self, batch: _Batch) -> None:
+        with self._cond:
+            self._queue.append(batch)
+            self.in_flight += 1
+            self._cond.notify()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if not self._queue and self._stopping:
+                    return
+                taken, self._queue = self._queue, []
+            if self.fsync == "always":
+                for batch in taken:
+                    self._commit([batch])
+            else:
+                self._commit(taken)
+
+    def _open_segment(self, first_position: int) -> None:
+        if self._fd is not None and self.size < self.segment_bytes:
+            return
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self.segment is None or self.size >= self.segment_bytes:
+            self.segment = self.directory / segment_name(first_position)
+            self.size = 0
+            self._fd = os.open(self.segment, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            if self.fsync != "never":
+                _fsync_directory(self.directory)
+        else:
+            self._fd = os.open(self.segment, os.O_WRONLY | os.O_APPEND)
+
+    def _commit(self, batches: list[_Batch]) -> None:
+        if self.failure is not None:
+            self._finish(batches, self.failure)
+            return
+        first = batches[0].last_position - batches[0].count + 1
+        data = b"".join(b.data for b in batches) if len(batches) > 1 else batches[0].data
+        try:
+            self._open_segment(first)
+            assert self._fd is not None
+            view = memoryview(data)
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+            if self.fsync != "never":
+                os.fdatasync(self._fd)
+                self.fsyncs += 1
+        except OSError as exc:
+            self.failure = LogWriteError(
+                f"The event log could not be written ({exc.strerror or exc}); nothing in this "
+                "batch was acknowledged. Free space or fix the disk, then retry."
+            )
+            self.failure.__cause__ = exc
+            # Cut whatever part of the batch reached the file, so the tail stays clean.
+            if self._fd is not None:
+                with suppress(OSError):
+                    os.ftruncate(self._fd, self.size)
+            self._finish(batches, self.failure)
+            return
+        self.size += len(data)
+        self.bytes_written += len(data)
+        self.batches += 1
+        self.largest_batch = max(self.largest_batch, sum(b.count for b in batches))
+        self.durable_position = batches[-1].last_position
+        self.durable_hash = batches[-1].last_hash
+        self._finish(batches, None)
+
+    def _finish(self, batches: list[_Batch], error: BaseException | None) -> None:
+        with self._cond:
+            self.in_flight -= len(batches)
+        try:
+            self.loop.call_soon_threadsafe(self._on_durable, batches, error)  # type: ignore[arg-type]
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+    def reset_failure(self) -> bool:
+        """Forget a failure once nothing is in flight; True if the writer is usable again."""
+        with self._cond:
+            if self.in_flight:
+                return False
+            self.failure = None
+            if self._fd is not None:
+                with suppress(OSError):
+                    os.close(self._fd)
+                self._fd = None
+            return True
+
+
+class FileLog:
+    """An ``EventLog`` on local segment files. Open with ``open_file_log``."""
+
+    def __init__(self, directory: Path, *, readonly: bool, fsync: str, segment_bytes: int
+                 ) -> None:
+        self.directory = directory
+        self.readonly = readonly
+        self.fsync = fsync
+        self.segment_bytes = segment_bytes
+        self.repaired_bytes = 0
+        self._lock_fd: int | None = None
+        self._writer: _Writer | None = None
+        self._next_position = 1
+        self._previous_hash = GENESIS
+        self._durable = 0
+        self._appended = 0
+        self._changed = asyncio.Event()
+        self._closed = False
+
+    # -- opening
+
+    def _lock(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.directory / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode("ascii", "replace").strip() or "another process"
+            os.close(fd)
+            raise LogLockedError(
+                f"The log at {self.directory} is being written by process {holder}; stop it "
+                "first, or read this log without writing (tail, replay)."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode("ascii"))
+        self._lock_fd = fd
+
+    def _recover_tail(self) -> tuple[Path | None, int, int, bytes]:
+        """Cut a torn tail; return (segment, size, last position, last hash)."""
+        listing = segments(self.directory)
+        while listing:
+            first, path = listing[-1]
+            result = scan_segment(path, expect_first=first)
+            if result.problem is not None:
+                if result.problem != "torn" and has_good_frame_after(path, result.end):
+                    raise LogCorruptedError(
+                        f"The log at {self.directory} is damaged at position "
+                        f"{result.last_position + 1 if result.count else first} "
+                        f"({path.name}: {result.problem}) and good records follow, so it is "
+                        "not a torn tail; it was not changed. Run 'xml-pipeline replay "
+                        "--verify' and restore from a copy.",
+                        position=result.last_position + 1 if result.count else first,
+                    )
+                size = path.stat().st_size
+                with open(path, "r+b") as handle:
+                    handle.truncate(result.end)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                self.repaired_bytes += size - result.end
+            if result.count == 0:
+                path.unlink()
+                _fsync_directory(self.directory)
+                listing.pop()
+                continue
+            return path, result.end, result.last_position, result.last_hash
+        return None, 0, 0, GENESIS
+
+    async def _open(self) -> None:
+        if self.readonly:
+            listing = segments(self.directory)
+            if not self.directory.is_dir():
+                raise LogCorruptedError(f"There is no log at {self.directory}.", position=0)
+            self._durable = 0
+            if listing:
+                result = scan_segment(listing[-1][1], expect_first=listing[-1][0])
+                self._durable = result.last_position or listing[-1][0] - 1
+            return
+        self._lock()
+        segment, size, last, digest = await asyncio.to_thread(self._recover_tail)
+        self._next_position = last + 1
+        self._previous_hash = digest
+        self._durable = last
+        self._writer = _Writer(
+            directory=self.directory, fsync=self.fsync, segment_bytes=self.segment_bytes,
+            loop=asyncio.get_running_loop(), segment=segment, size=size,
+            durable_position=last, durable_hash=digest, on_durable=self._on_durable,
+        )
+
+    # -- the contract
+
+    @property
+    def last_position(self) -> int:
+        return self._durable
+
+    async def append(self, events: Sequence[Event]) -> list[int]:
+        if self._closed:
+            raise LogClosedError("The log is closed; open it again to append.")
+        if self._writer is None:
+            raise LogWriteError(f"The log at {self.directory} was opened read-only.")
+        if not events:
+            return []
+        writer = self._writer
+        if writer.failure is not None:
+            if not writer.reset_failure():
+                raise writer.failure
+            # Start again from the last durable record: failed batches never happened.
+            self._next_position = writer.durable_position + 1
+            self._previous_hash = writer.durable_hash
+        position = self._next_position
+        previous = self._previous_hash
+        frames = []
+        for event in events:
+            type_name, version, data = encode(event)
+            frame, previous = make_frame(position=position, at=event.at, type_name=type_name,
+                                         version=version, data=data, previous=previous)
+            frames.append(frame)
+            position += 1
+        first = self._next_position
+        self._next_position = position
+        self._previous_hash = previous
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        writer.submit(_Batch(b"".join(frames), len(frames), position - 1, previous, future))
+        # Shielded: a caller that stops waiting does not un-write the records.
+        await asyncio.shield(future)
+        return list(range(first, position))
+
+    def _on_durable(self, batches: list[_Batch], error: BaseException | None) -> None:
+        for batch in batches:
+            if batch.future.done():
+                continue
+            if error is None:
+                batch.future.set_result(None)
+            else:
+                batch.future.set_exception(error)
+        if error is None:
+            self._durable = batches[-1].last_position
+            self._appended += sum(b.count for b in batches)
+            self._changed.set()
+            self._changed = asyncio.Event()
+
+    async def read(self, after: int = 0) -> AsyncIterator[Recorded]:
+        reader = LogReader(self.directory, after=after)
+        limit = None if self.readonly else self._durable
+        count = 0
+        for record in reader.read_available(limit=limit):
+            yield record
+            count += 1
+            if count % 4096 == 0:
+                await asyncio.sleep(0)  # let the loop breathe during long replays
+
+    async def follow(self, after: int = 0) -> AsyncIterator[Recorded]:
+        reader = LogReader(self.directory, after=after)
+        while True:
+            changed = self._changed
+            limit = None if self.readonly else self._durable
+            count = 0
+            for record in reader.read_available(limit=limit):
+                yield record
+                count += 1
+                if count % 4096 == 0:
+                    await asyncio.sleep(0)
+            if self._closed:
+                return
+            if self.readonly or reader.next_position > self._durable:
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), _POLL_INTERVAL)
+
+    def statistics(self) -> LogStatistics:
+        writer = self._writer
+        return LogStatistics(
+            last_position=self._durable,
+            appended=self._appended,
+            batches=writer.batches if writer else 0,
+            fsyncs=writer.fsyncs if writer else 0,
+            largest_batch=writer.largest_batch if writer else 0,
+            bytes_written=writer.bytes_written if writer else 0,
+        )
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._writer is not None:
+            await asyncio.to_thread(self._writer.stop)
+            self._writer = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        self._changed.set()
+
+    async def __aenter__(self) -> FileLog:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+async def open_file_log(directory: str | Path, *, fsync: str = "batch",
+                        segment_bytes: int = 64 * 1024 * 1024, readonly: bool = False
+                        ) -> FileLog:
+    """Open (creating if needed) the log in ``directory``; ``async with`` closes it.
+
+    Raises ``LogLockedError`` if another process writes to it and ``LogCorruptedError`` if it is
+    damaged beyond a torn tail.
+    """
+    if fsync not in FSYNC_POLICIES:
+        raise ValueError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}, not {fsync!r}.")
+    log = FileLog(Path(directory), readonly=readonly, fsync=fsync, segment_bytes=segment_bytes)
+    await log._open()
+    return log

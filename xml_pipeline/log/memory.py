@@ -1,0 +1,71 @@
+"""An in-memory ``EventLog`` for tests: same contract, no durability."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+
+from xml_pipeline.errors import LogClosedError
+from xml_pipeline.events import Event, Recorded
+from xml_pipeline.log.statistics import LogStatistics
+
+__all__ = ["MemoryLog"]
+
+
+class MemoryLog:
+    def __init__(self) -> None:
+        self._records: list[Recorded] = []
+        self._changed = asyncio.Condition()
+        self._closed = False
+        self._batches = 0
+        self._largest = 0
+
+    @property
+    def last_position(self) -> int:
+        return len(self._records)
+
+    async def append(self, events: Sequence[Event]) -> list[int]:
+        if self._closed:
+            raise LogClosedError("The log is closed; open it again to append.")
+        start = len(self._records) + 1
+        positions = list(range(start, start + len(events)))
+        self._records.extend(Recorded(p, e) for p, e in zip(positions, events, strict=True))
+        self._batches += 1
+        self._largest = max(self._largest, len(events))
+        async with self._changed:
+            self._changed.notify_all()
+        return positions
+
+    async def read(self, after: int = 0) -> AsyncIterator[Recorded]:
+        index = max(after, 0)
+        while index < len(self._records):
+            yield self._records[index]
+            index += 1
+
+    async def follow(self, after: int = 0) -> AsyncIterator[Recorded]:
+        index = max(after, 0)
+        while True:
+            while index < len(self._records):
+                yield self._records[index]
+                index += 1
+            if self._closed:
+                return
+            async with self._changed:
+                await self._changed.wait_for(
+                    lambda: self._closed or index < len(self._records)
+                )
+
+    def statistics(self) -> LogStatistics:
+        return LogStatistics(
+            last_position=len(self._records),
+            appended=len(self._records),
+            batches=self._batches,
+            fsyncs=0,
+            largest_batch=self._largest,
+            bytes_written=0,
+        )
+
+    async def aclose(self) -> None:
+        self._closed = True
+        async with self._changed:
+            self._changed.notify_all()

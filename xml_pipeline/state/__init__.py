@@ -1,0 +1,167 @@
+"""State is a fold over the log: threads, agents, budgets and usage.
+
+``State.apply(position, event)`` is the one function both the live pump and a replay call;
+it does no I/O and reads no clock. ``project`` folds records, ``replay`` folds a whole log
+(starting from a snapshot when a valid one exists) and ``State.digest()`` fingerprints the
+state, so that live and replayed states can be compared exactly.
+
+Snapshots are an optimisation only: each stores the position it includes and that record's
+chain hash, and is ignored unless the log still holds that very record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from xml_pipeline.events import CATALOGUE, Event, Recorded
+from xml_pipeline.log import EventLog
+from xml_pipeline.log.segments import hash_at, locate_record
+from xml_pipeline.state import agents, budgets, threads
+from xml_pipeline.state.agents import Agents
+from xml_pipeline.state.budgets import Budgets
+from xml_pipeline.state.threads import Threads
+
+__all__ = [
+    "State",
+    "latest_snapshot",
+    "project",
+    "replay",
+    "save_snapshot",
+]
+
+_PROJECTIONS: tuple[tuple[str, Any], ...] = (
+    ("agents", agents.evolve),
+    ("threads", threads.evolve),
+    ("budgets", budgets.evolve),
+)
+_Step = Callable[[Any, Any, int], Any]
+_TABLE: dict[type[Event], tuple[tuple[str, _Step], ...]] = {}
+
+
+def _steps(cls: type[Event]) -> tuple[tuple[str, _Step], ...]:
+    steps = _TABLE.get(cls)
+    if steps is None:
+        if cls.__name__ not in CATALOGUE or CATALOGUE[cls.__name__] is not cls:
+            raise TypeError(f"{cls.__name__} is not in the event catalogue; it cannot be folded.")
+        steps = tuple(
+            (attr, fn.dispatch(cls)) for attr, fn in _PROJECTIONS
+            if fn.dispatch(cls) is not fn.dispatch(Event)
+        )
+        _TABLE[cls] = steps
+    return steps
+
+
+class State(msgspec.Struct, kw_only=True):
+    """Every projection, and the position of the last event folded into it."""
+
+    position: int = 0
+    agents: Agents = msgspec.field(default_factory=Agents)
+    threads: Threads = msgspec.field(default_factory=Threads)
+    budgets: Budgets = msgspec.field(default_factory=Budgets)
+
+    def apply(self, position: int, event: Event) -> None:
+        """Fold one event. Positions must increase; an unknown event type raises TypeError."""
+        if position <= self.position:
+            raise ValueError(f"Event at position {position} is not after {self.position}.")
+        for attr, step in _TABLE.get(type(event)) or _steps(type(event)):
+            step(event, getattr(self, attr), position)
+        self.position = position
+
+    def encode(self) -> bytes:
+        return msgspec.json.encode(self, order="sorted")
+
+    @classmethod
+    def decode(cls, data: bytes) -> State:
+        return msgspec.json.decode(data, type=cls)
+
+    def digest(self) -> str:
+        """A fingerprint of the whole state (equal states have equal digests)."""
+        return hashlib.sha256(self.encode()).hexdigest()
+
+
+def project(records: Iterable[Recorded], state: State | None = None) -> State:
+    """Fold ``records`` into ``state`` (a new one by default)."""
+    result = state if state is not None else State()
+    apply = result.apply
+    for record in records:
+        apply(record.position, record.event)
+    return result
+
+
+# ------------------------------------------------------------------ snapshots
+
+_SNAPSHOT_DIR = "snapshots"
+_SNAPSHOT_VERSION = 1
+
+
+class _Snapshot(msgspec.Struct):
+    version: int
+    position: int
+    segment: str
+    offset: int
+    chain_hash: str
+    state: msgspec.Raw
+
+
+def save_snapshot(log_directory: Path, state: State, *, keep: int = 2) -> Path | None:
+    """Write ``state`` as a snapshot of the file log in ``log_directory`` (atomically), keeping
+    the newest ``keep`` snapshots. Returns None if the log lacks the state's last record."""
+    location = locate_record(log_directory, state.position)
+    if location is None:
+        return None
+    segment, offset, digest = location
+    folder = log_directory / _SNAPSHOT_DIR
+    folder.mkdir(exist_ok=True)
+    path = folder / f"{state.position:020d}.snapshot"
+    data = msgspec.json.encode(_Snapshot(version=_SNAPSHOT_VERSION, position=state.position,
+                                         segment=segment, offset=offset,
+                                         chain_hash=digest.hex(),
+                                         state=msgspec.Raw(state.encode())))
+    temporary = path.with_suffix(".tmp")
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    for old in sorted(folder.glob("*.snapshot"))[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def latest_snapshot(log_directory: Path, *, upto: int | None = None) -> State | None:
+    """The newest snapshot that still matches the log (and is not past ``upto``), or None."""
+    folder = log_directory / _SNAPSHOT_DIR
+    if not folder.is_dir():
+        return None
+    for path in sorted(folder.glob("*.snapshot"), reverse=True):
+        try:
+            snapshot = msgspec.json.decode(path.read_bytes(), type=_Snapshot)
+            if snapshot.version != _SNAPSHOT_VERSION:
+                continue
+            if upto is not None and snapshot.position > upto:
+                continue
+            digest = hash_at(log_directory, snapshot.segment, snapshot.offset,
+                             snapshot.position)
+            if digest is None or digest.hex() != snapshot.chain_hash:
+                continue
+            state = State.decode(bytes(snapshot.state))
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+            continue
+        if state.position == snapshot.position:
+            return state
+    return None
+
+
+async def replay(log: EventLog, *, state: State | None = None) -> State:
+    """Fold every record of ``log`` after ``state.position`` into ``state``."""
+    result = state if state is not None else State()
+    apply = result.apply
+    async for record in log.read(after=result.position):
+        apply(record.position, record.event)
+    return result

@@ -1,0 +1,167 @@
+"""The organism and its listeners ("agents"): a pure fold over the log.
+
+The organism in force at any position is the last ``OrganismLoaded``/``OrganismReloaded``
+before it; each listener's status (``running``, ``paused``, ``removed``) and counters follow
+from delivery events and ``AgentPaused``/``AgentResumed``.
+"""
+
+from __future__ import annotations
+
+import msgspec
+from functools import singledispatch
+from typing import Any
+
+from xml_pipeline.events import (
+    AgentPaused,
+    AgentResumed,
+    Event,
+    HandlerFailed,
+    HandlerSucceeded,
+    MessageDeadLettered,
+    MessageDelivered,
+    OrganismLoaded,
+    OrganismReloaded,
+    OrganismStarted,
+    OrganismStopped,
+    ReloadRejected,
+)
+
+__all__ = ["AgentInfo", "Agents", "evolve"]
+
+
+class AgentInfo(msgspec.Struct, kw_only=True):
+    name: str
+    config: dict[str, Any]
+    status: str = "running"  # running | paused | removed
+    paused_by: str | None = None
+    paused_at: float | None = None
+    delivered: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    dead_lettered: int = 0
+    last_active_at: float | None = None
+
+
+class Agents(msgspec.Struct, kw_only=True):
+    name: str = ""
+    digest: str = ""
+    status: str = "new"  # new | running | stopped
+    started_at: float | None = None
+    loaded_at: float | None = None
+    starts: int = 0
+    reloads: int = 0
+    reloads_rejected: int = 0
+    last_reload_error: str | None = None
+    budgets: dict[str, int | None] = msgspec.field(default_factory=dict)
+    agents: dict[str, AgentInfo] = msgspec.field(default_factory=dict)
+
+
+@singledispatch
+def evolve(event: Event, state: Agents, position: int) -> Agents:
+    return state
+
+
+@evolve.register
+def _(event: OrganismStarted, state: Agents, position: int) -> Agents:
+    state.status = "running"
+    state.started_at = event.at
+    state.starts += 1
+    return state
+
+
+def _load(state: Agents, at: float, name: str, digest: str, budgets: dict[str, int | None],
+          listeners: dict[str, dict[str, Any]]) -> None:
+    state.name, state.digest, state.loaded_at = name, digest, at
+    state.budgets = dict(budgets)
+    for agent_name, info in state.agents.items():
+        if agent_name not in listeners:
+            info.status = "removed"
+    for agent_name, config in listeners.items():
+        info = state.agents.get(agent_name)
+        if info is None:
+            state.agents[agent_name] = AgentInfo(name=agent_name, config=dict(config))
+        else:
+            info.config = dict(config)
+            if info.status == "removed":
+                info.status = "running"
+
+
+@evolve.register
+def _(event: OrganismLoaded, state: Agents, position: int) -> Agents:
+    _load(state, event.at, event.name, event.digest, event.budgets, event.listeners)
+    return state
+
+
+@evolve.register
+def _(event: OrganismReloaded, state: Agents, position: int) -> Agents:
+    _load(state, event.at, event.name, event.digest, event.budgets, event.listeners)
+    state.reloads += 1
+    return state
+
+
+@evolve.register
+def _(event: ReloadRejected, state: Agents, position: int) -> Agents:
+    state.reloads_rejected += 1
+    state.last_reload_error = event.error
+    return state
+
+
+@evolve.register
+def _(event: OrganismStopped, state: Agents, position: int) -> Agents:
+    state.status = "stopped"
+    return state
+
+
+@evolve.register
+def _(event: AgentPaused, state: Agents, position: int) -> Agents:
+    info = state.agents.get(event.agent)
+    if info is not None and info.status == "running":
+        info.status = "paused"
+        info.paused_by = event.by
+        info.paused_at = event.at
+    return state
+
+
+@evolve.register
+def _(event: AgentResumed, state: Agents, position: int) -> Agents:
+    info = state.agents.get(event.agent)
+    if info is not None and info.status == "paused":
+        info.status = "running"
+        info.paused_by = None
+        info.paused_at = None
+    return state
+
+
+@evolve.register
+def _(event: MessageDelivered, state: Agents, position: int) -> Agents:
+    info = state.agents.get(event.listener)
+    if info is not None:
+        info.delivered += 1
+        info.last_active_at = event.at
+    return state
+
+
+@evolve.register
+def _(event: HandlerSucceeded, state: Agents, position: int) -> Agents:
+    info = state.agents.get(event.listener)
+    if info is not None:
+        info.succeeded += 1
+        info.last_active_at = event.at
+    return state
+
+
+@evolve.register
+def _(event: HandlerFailed, state: Agents, position: int) -> Agents:
+    info = state.agents.get(event.listener)
+    if info is not None:
+        info.failed += 1
+        info.last_active_at = event.at
+    return state
+
+
+@evolve.register
+def _(event: MessageDeadLettered, state: Agents, position: int) -> Agents:
+    info = state.agents.get(event.listener)
+    if info is not None:
+        info.dead_lettered += 1
+    return state

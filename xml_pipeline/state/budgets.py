@@ -1,0 +1,186 @@
+"""Token budgets ("gas gauges") and usage: a pure fold over the log.
+
+Budgets count every token ever used (they are never reset); ``usage`` counts since the last
+``UsageReset``. Limits come from the organism (``budgets:`` defaults and each listener's
+``budget:``) and from ``BudgetRaised``. A reservation (``TokensReserved``) holds tokens until the
+``TokensUsed`` that settles it.
+"""
+
+from __future__ import annotations
+
+import msgspec
+from functools import singledispatch
+from typing import Any
+
+from xml_pipeline.events import (
+    BudgetExhausted,
+    BudgetRaised,
+    Event,
+    OrganismLoaded,
+    OrganismReloaded,
+    TokensReserved,
+    TokensUsed,
+    UsageReset,
+)
+
+__all__ = ["Budgets", "Gauge", "Reservation", "UsageTotals", "evolve"]
+
+
+class UsageTotals(msgspec.Struct, kw_only=True, array_like=True, gc=False):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_creation_tokens: int = 0
+    request_count: int = 0
+    total_cost: float = 0.0
+    total_latency_ms: float = 0.0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def add(self, event: TokensUsed) -> None:
+        self.prompt_tokens += event.input_tokens
+        self.completion_tokens += event.output_tokens
+        self.cache_read_tokens += event.cache_read_tokens
+        self.cache_creation_tokens += event.cache_creation_tokens
+        self.request_count += 1
+        self.total_cost += event.cost
+        self.total_latency_ms += event.latency_ms
+
+
+class Gauge(msgspec.Struct, kw_only=True, array_like=True, gc=False):
+    """Used and reserved tokens against a limit (``None``: no limit)."""
+
+    used: int = 0
+    reserved: int = 0
+    limit: int | None = None
+    exhausted: bool = False
+
+
+class Reservation(msgspec.Struct, kw_only=True):
+    thread_id: str
+    agent: str
+    tokens: int
+
+
+class Budgets(msgspec.Struct, kw_only=True):
+    defaults: dict[str, int | None] = msgspec.field(default_factory=dict)
+    listener_limits: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
+    threads: dict[str, Gauge] = msgspec.field(default_factory=dict)
+    agents: dict[str, Gauge] = msgspec.field(default_factory=dict)
+    organism: Gauge = msgspec.field(default_factory=Gauge)
+    reservations: dict[str, Reservation] = msgspec.field(default_factory=dict)
+    usage: UsageTotals = msgspec.field(default_factory=UsageTotals)
+    usage_by_agent: dict[str, UsageTotals] = msgspec.field(default_factory=dict)
+    usage_by_model: dict[str, UsageTotals] = msgspec.field(default_factory=dict)
+    usage_by_thread: dict[str, UsageTotals] = msgspec.field(default_factory=dict)
+    usage_since: float | None = None
+
+    def thread_gauge(self, thread_id: str) -> Gauge:
+        gauge = self.threads.get(thread_id)
+        if gauge is None:
+            gauge = Gauge(limit=self.defaults.get("thread_tokens"))
+            self.threads[thread_id] = gauge
+        return gauge
+
+    def agent_gauge(self, agent: str) -> Gauge:
+        gauge = self.agents.get(agent)
+        if gauge is None:
+            limit = self.listener_limits.get(agent, {}).get("agent_tokens")
+            gauge = Gauge(limit=limit if limit is not None else self.defaults.get("agent_tokens"))
+            self.agents[agent] = gauge
+        return gauge
+
+
+@singledispatch
+def evolve(event: Event, state: Budgets, position: int) -> Budgets:
+    return state
+
+
+def _load(state: Budgets, budgets: dict[str, int | None],
+          listeners: dict[str, dict[str, Any]]) -> None:
+    state.defaults = dict(budgets)
+    state.listener_limits = {name: dict(cfg.get("budget") or {}) for name, cfg in
+                             listeners.items()}
+    state.organism.limit = budgets.get("organism_tokens")
+
+
+@evolve.register
+def _(event: OrganismLoaded, state: Budgets, position: int) -> Budgets:
+    _load(state, event.budgets, event.listeners)
+    return state
+
+
+@evolve.register
+def _(event: OrganismReloaded, state: Budgets, position: int) -> Budgets:
+    _load(state, event.budgets, event.listeners)
+    return state
+
+
+@evolve.register
+def _(event: TokensReserved, state: Budgets, position: int) -> Budgets:
+    if event.reservation_id in state.reservations:
+        return state
+    state.reservations[event.reservation_id] = Reservation(
+        thread_id=event.thread_id, agent=event.agent, tokens=event.tokens)
+    for gauge in (state.thread_gauge(event.thread_id), state.agent_gauge(event.agent),
+                  state.organism):
+        gauge.reserved += event.tokens
+    return state
+
+
+@evolve.register
+def _(event: TokensUsed, state: Budgets, position: int) -> Budgets:
+    held = state.reservations.pop(event.reservation_id, None) if event.reservation_id else None
+    tokens = event.input_tokens + event.output_tokens
+    thread = state.thread_gauge(event.thread_id)
+    agent = state.agent_gauge(event.agent)
+    for gauge in (thread, agent, state.organism):
+        gauge.used += tokens
+    if held is not None:
+        for gauge in (state.thread_gauge(held.thread_id), state.agent_gauge(held.agent),
+                      state.organism):
+            gauge.reserved -= held.tokens
+    state.usage.add(event)
+    for table, key in ((state.usage_by_agent, event.agent), (state.usage_by_model, event.model),
+                       (state.usage_by_thread, event.thread_id)):
+        totals = table.get(key)
+        if totals is None:
+            totals = table[key] = UsageTotals()
+        totals.add(event)
+    return state
+
+
+@evolve.register
+def _(event: BudgetExhausted, state: Budgets, position: int) -> Budgets:
+    if event.scope == "thread":
+        state.thread_gauge(event.key).exhausted = True
+    elif event.scope == "agent":
+        state.agent_gauge(event.key).exhausted = True
+    else:
+        state.organism.exhausted = True
+    return state
+
+
+@evolve.register
+def _(event: BudgetRaised, state: Budgets, position: int) -> Budgets:
+    if event.scope == "thread":
+        gauge = state.thread_gauge(event.key)
+    elif event.scope == "agent":
+        gauge = state.agent_gauge(event.key)
+    else:
+        gauge = state.organism
+    gauge.limit = event.max_tokens
+    gauge.exhausted = False
+    return state
+
+
+@evolve.register
+def _(event: UsageReset, state: Budgets, position: int) -> Budgets:
+    state.usage = UsageTotals()
+    state.usage_by_agent.clear()
+    state.usage_by_model.clear()
+    state.usage_by_thread.clear()
+    state.usage_since = event.at
+    return state

@@ -1,0 +1,234 @@
+"""Threads and messages: a pure fold over the log.
+
+Every accepted message belongs to a thread; its status moves from ``pending`` through
+``delivered`` to one final outcome (``handled``, ``dead``, ``dropped``). A thread is
+``active`` while any of its messages lacks a final outcome, ``completed`` or ``failed``
+(some message dead-lettered) once the pump records ``ThreadCompleted``, ``killed`` after
+``ThreadKilled`` and ``paused`` while its token budget is exhausted.
+Events about messages this projection never saw accepted are ignored, so any sequence folds.
+"""
+
+from __future__ import annotations
+
+import msgspec
+from functools import singledispatch
+
+from xml_pipeline.events import (
+    BudgetExhausted,
+    BudgetRaised,
+    Event,
+    HandlerFailed,
+    HandlerSucceeded,
+    MessageAccepted,
+    MessageDeadLettered,
+    MessageDelivered,
+    MessageDropped,
+    MessageRejected,
+    MessageRetried,
+    ThreadCompleted,
+    ThreadKilled,
+)
+
+__all__ = ["FINAL", "MessageInfo", "ThreadInfo", "Threads", "evolve"]
+
+#: Message statuses after which nothing more happens to a message (unless an operator retries).
+FINAL = frozenset({"handled", "dead", "dropped"})
+
+
+class MessageInfo(msgspec.Struct, kw_only=True, array_like=True, gc=False):
+    message_id: str
+    thread_id: str
+    parent_id: str | None
+    sender: str
+    to: str
+    payload_type: str
+    accepted_at: float
+    position: int
+    status: str = "pending"  # pending | delivered | handled | dead | dropped
+    attempts: int = 0
+    error: str | None = None
+
+
+class ThreadInfo(msgspec.Struct, kw_only=True, array_like=True, gc=False):
+    thread_id: str
+    created_at: float
+    updated_at: float
+    root_message_id: str
+    status: str = "active"  # active | completed | failed | killed | paused
+    message_count: int = 0
+    open_count: int = 0  # messages without a final outcome
+    dead_count: int = 0
+    rejected_count: int = 0
+    participants: list[str] = msgspec.field(default_factory=list)
+    killed_by: str | None = None
+
+
+class Threads(msgspec.Struct, kw_only=True):
+    threads: dict[str, ThreadInfo] = msgspec.field(default_factory=dict)
+    messages: dict[str, MessageInfo] = msgspec.field(default_factory=dict)
+    #: idempotency key -> message id of the first message accepted with it
+    idempotency: dict[str, str] = msgspec.field(default_factory=dict)
+    #: message id -> reason, for messages currently dead-lettered
+    dead_letters: dict[str, str] = msgspec.field(default_factory=dict)
+    rejected: int = 0
+
+
+@singledispatch
+def evolve(event: Event, state: Threads, position: int) -> Threads:
+    return state
+
+
+def _touch(state: Threads, thread_id: str, at: float) -> ThreadInfo | None:
+    thread = state.threads.get(thread_id)
+    if thread is not None:
+        thread.updated_at = at
+    return thread
+
+
+def _close(state: Threads, message: MessageInfo, status: str, at: float) -> None:
+    was_open = message.status not in FINAL
+    message.status = status
+    thread = _touch(state, message.thread_id, at)
+    if thread is not None and was_open:
+        thread.open_count -= 1
+
+
+@evolve.register
+def _(event: MessageAccepted, state: Threads, position: int) -> Threads:
+    if event.message_id in state.messages:
+        return state
+    thread = state.threads.get(event.thread_id)
+    if thread is None:
+        thread = ThreadInfo(thread_id=event.thread_id, created_at=event.at, updated_at=event.at,
+                            root_message_id=event.message_id)
+        state.threads[event.thread_id] = thread
+    thread.updated_at = event.at
+    thread.message_count += 1
+    thread.open_count += 1
+    if thread.status in ("completed", "failed"):
+        thread.status = "active"
+    for name in (event.sender, event.to):
+        if name not in thread.participants:
+            thread.participants.append(name)
+    state.messages[event.message_id] = MessageInfo(
+        message_id=event.message_id, thread_id=event.thread_id, parent_id=event.parent_id,
+        sender=event.sender, to=event.to, payload_type=event.payload_type,
+        accepted_at=event.at, position=position,
+    )
+    if event.idempotency_key is not None:
+        state.idempotency.setdefault(event.idempotency_key, event.message_id)
+    return state
+
+
+@evolve.register
+def _(event: MessageRejected, state: Threads, position: int) -> Threads:
+    state.rejected += 1
+    if event.thread_id is not None:
+        thread = _touch(state, event.thread_id, event.at)
+        if thread is not None:
+            thread.rejected_count += 1
+    return state
+
+
+@evolve.register
+def _(event: MessageDelivered, state: Threads, position: int) -> Threads:
+    message = state.messages.get(event.message_id)
+    if message is not None and message.status not in FINAL:
+        message.status = "delivered"
+        message.attempts = event.attempt
+        _touch(state, message.thread_id, event.at)
+    return state
+
+
+@evolve.register
+def _(event: HandlerSucceeded, state: Threads, position: int) -> Threads:
+    message = state.messages.get(event.message_id)
+    if message is not None and message.status not in FINAL:
+        message.error = None
+        _close(state, message, "handled", event.at)
+    return state
+
+
+@evolve.register
+def _(event: HandlerFailed, state: Threads, position: int) -> Threads:
+    message = state.messages.get(event.message_id)
+    if message is not None and message.status not in FINAL:
+        message.error = event.error
+        message.attempts = event.attempt
+        _touch(state, message.thread_id, event.at)
+    return state
+
+
+@evolve.register
+def _(event: MessageRetried, state: Threads, position: int) -> Threads:
+    message = state.messages.get(event.message_id)
+    if message is None:
+        return state
+    if message.status == "dead":
+        state.dead_letters.pop(message.message_id, None)
+        thread = state.threads.get(message.thread_id)
+        if thread is not None:
+            thread.open_count += 1
+            thread.dead_count -= 1
+            if thread.status in ("completed", "failed"):
+                thread.status = "active"
+    if message.status not in ("handled", "dropped"):
+        message.status = "pending"
+    _touch(state, message.thread_id, event.at)
+    return state
+
+
+@evolve.register
+def _(event: MessageDeadLettered, state: Threads, position: int) -> Threads:
+    message = state.messages.get(event.message_id)
+    if message is not None and message.status not in FINAL:
+        message.error = event.reason
+        _close(state, message, "dead", event.at)
+        state.dead_letters[message.message_id] = event.reason
+        thread = state.threads.get(message.thread_id)
+        if thread is not None:
+            thread.dead_count += 1
+    return state
+
+
+@evolve.register
+def _(event: MessageDropped, state: Threads, position: int) -> Threads:
+    message = state.messages.get(event.message_id)
+    if message is not None and message.status not in FINAL:
+        message.error = event.reason
+        _close(state, message, "dropped", event.at)
+    return state
+
+
+@evolve.register
+def _(event: ThreadKilled, state: Threads, position: int) -> Threads:
+    thread = _touch(state, event.thread_id, event.at)
+    if thread is not None:
+        thread.status = "killed"
+        thread.killed_by = event.by
+    return state
+
+
+@evolve.register
+def _(event: ThreadCompleted, state: Threads, position: int) -> Threads:
+    thread = _touch(state, event.thread_id, event.at)
+    if thread is not None and thread.status == "active":
+        thread.status = "failed" if thread.dead_count else "completed"
+    return state
+
+
+@evolve.register
+def _(event: BudgetExhausted, state: Threads, position: int) -> Threads:
+    thread = _touch(state, event.thread_id, event.at)
+    if thread is not None and thread.status == "active":
+        thread.status = "paused"
+    return state
+
+
+@evolve.register
+def _(event: BudgetRaised, state: Threads, position: int) -> Threads:
+    if event.scope == "thread":
+        thread = _touch(state, event.key, event.at)
+        if thread is not None and thread.status == "paused":
+            thread.status = "active"
+    return state

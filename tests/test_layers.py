@@ -18,7 +18,7 @@ LAYERS = [
     {"events"},
     {"log"},
     {"state"},
-    {"mailbox", "handlers", "llm", "pump", "reload"},
+    {"mailbox", "handlers", "llm", "pump", "reload", "control"},
     {"api", "cli", "__main__", "__init__"},
 ]
 

@@ -282,6 +282,89 @@ async def _tail(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ run and inject
+
+
+async def _run(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+
+    from xml_pipeline.control import serve_control
+    from xml_pipeline.pump import open_pump
+
+    try:
+        organism = load_organism(args.organism)
+    except OrganismError as exc:
+        print(exc.message, file=sys.stderr)
+        return 1
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    data = Path(args.data) if args.data else organism.log.path
+    if data is None:
+        print("This organism logs to NATS, which arrives in a later version; give --data DIR.",
+              file=sys.stderr)
+        return 1
+    try:
+        log = await open_file_log(data, fsync=organism.log.fsync,
+                                  segment_bytes=organism.log.segment_bytes)
+    except LogError as exc:
+        print(exc.message, file=sys.stderr)
+        return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with open_pump(organism, log) as pump, serve_control(pump, data):
+            print(f"organism {organism.name!r} running: {len(organism.listeners)} listeners, "
+                  f"log {data} at position {pump.state.position}", flush=True)
+            first = next(iter(organism.listeners.values()))
+            print(f"inject with: xml-pipeline inject --data {data} --to {first.name} "
+                  f"'<{first.schema.root}>...</{first.schema.root}>'", flush=True)
+            await stop.wait()
+            print("stopping: letting handlers finish", flush=True)
+    finally:
+        await log.aclose()
+    print("stopped", flush=True)
+    return 0
+
+
+def _read_payload(text: str) -> str:
+    if text == "-":
+        return sys.stdin.read()
+    if text.startswith("@"):
+        return Path(text[1:]).read_text(encoding="utf-8")
+    return text
+
+
+async def _inject(args: argparse.Namespace) -> int:
+    from xml_pipeline.control import request
+
+    data = _data_dir(args)
+    try:
+        payload = _read_payload(args.payload)
+    except OSError as exc:
+        print(f"Cannot read the payload: {exc}.", file=sys.stderr)
+        return 2
+    message: dict[str, Any] = {"op": "inject", "to": args.to, "payload": payload}
+    if args.thread:
+        message["thread_id"] = args.thread
+    if args.idempotency_key:
+        message["idempotency_key"] = args.idempotency_key
+    try:
+        answer = await request(data, message)
+    except ConnectionError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(answer))
+    elif answer.get("ok"):
+        print(f"accepted message {answer['message_id']} in thread {answer['thread_id']}")
+    else:
+        print(f"rejected ({answer['error']['code']}): {answer['error']['message']}",
+              file=sys.stderr)
+    return 0 if answer.get("ok") else 1
+
+
 # ------------------------------------------------------------------ entry point
 
 
@@ -296,6 +379,20 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("organism", nargs="?", default=DEFAULT_ORGANISM)
     check.add_argument("--json", action="store_true", help="machine-readable output")
     check.set_defaults(run=_cmd_check)
+
+    run = commands.add_parser("run", help="run the organism (pump and local control socket)")
+    run.add_argument("organism", nargs="?", default=DEFAULT_ORGANISM)
+    run.add_argument("--data", help="log directory (default: organism.yaml's log.path)")
+    run.set_defaults(run=lambda a: asyncio.run(_run(a)))
+
+    inject = commands.add_parser("inject", help="send a message to a running organism")
+    inject.add_argument("--to", help="listener name (omit if PAYLOAD is a full envelope)")
+    inject.add_argument("--thread", help="continue this thread")
+    inject.add_argument("--idempotency-key", help="the same key returns the original ids")
+    inject.add_argument("--data", help=f"log directory (default: organism.yaml's, or {DEFAULT_DATA})")
+    inject.add_argument("--json", action="store_true", help="machine-readable output")
+    inject.add_argument("payload", help="XML text, @file, or - for standard input")
+    inject.set_defaults(run=lambda a: asyncio.run(_inject(a)))
 
     rep = commands.add_parser("replay", help="rebuild state from the log and summarise it")
     rep.add_argument("--data", help=f"log directory (default: organism.yaml's, or {DEFAULT_DATA})")

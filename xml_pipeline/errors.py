@@ -17,7 +17,10 @@ with ``raise ... from exc``.
     ├── OrganismError                   organism.yaml problems (file:line, all of them)
     ├── RoutingError                    where a message may not go
     │   ├── UnknownListenerError
-    │   └── UndeclaredPeerError
+    │   ├── UndeclaredPeerError
+    │   └── ThreadClosedError           the thread was killed
+    ├── BusyError                       try again later (backpressure, stopping)
+    │   └── MailboxFullError
     └── LogError                        the event log
         ├── LogLockedError              another process is writing to this log
         ├── LogCorruptedError           checksum or hash chain broken (names the position)
@@ -32,6 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = [
+    "BusyError",
     "EnvelopeError",
     "ForbiddenXmlError",
     "LogClosedError",
@@ -39,6 +43,7 @@ __all__ = [
     "LogError",
     "LogLockedError",
     "LogWriteError",
+    "MailboxFullError",
     "MalformedXmlError",
     "OrganismError",
     "PayloadError",
@@ -46,6 +51,7 @@ __all__ = [
     "RecordDecodeError",
     "RoutingError",
     "SchemaError",
+    "ThreadClosedError",
     "UndeclaredPeerError",
     "UnknownListenerError",
     "XmlError",
@@ -148,6 +154,24 @@ class UnknownListenerError(RoutingError):
 
 class UndeclaredPeerError(RoutingError):
     code = "undeclared_peer"
+
+
+class ThreadClosedError(RoutingError):
+    code = "thread_closed"
+
+
+class BusyError(XmlPipelineError):
+    """The bus cannot take this now; ``retry_after`` says when to try again (seconds)."""
+
+    code = "busy"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class MailboxFullError(BusyError):
+    code = "mailbox_full"
 
 
 class LogError(XmlPipelineError):

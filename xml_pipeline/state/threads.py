@@ -13,6 +13,7 @@ from __future__ import annotations
 import msgspec
 from functools import singledispatch
 
+from xml_pipeline.organism import RESERVED_SENDERS
 from xml_pipeline.events import (
     BudgetExhausted,
     BudgetRaised,
@@ -32,7 +33,8 @@ from xml_pipeline.events import (
 __all__ = ["FINAL", "MessageInfo", "ThreadInfo", "Threads", "evolve"]
 
 #: Message statuses after which nothing more happens to a message (unless an operator retries).
-FINAL = frozenset({"handled", "dead", "dropped"})
+#: "outbound" marks a message addressed outside the organism (a reply to an API client).
+FINAL = frozenset({"handled", "dead", "dropped", "outbound"})
 
 
 class MessageInfo(msgspec.Struct, kw_only=True, array_like=True, gc=False):
@@ -104,7 +106,9 @@ def _(event: MessageAccepted, state: Threads, position: int) -> Threads:
         state.threads[event.thread_id] = thread
     thread.updated_at = event.at
     thread.message_count += 1
-    thread.open_count += 1
+    outbound = event.to in RESERVED_SENDERS
+    if not outbound:
+        thread.open_count += 1
     if thread.status in ("completed", "failed"):
         thread.status = "active"
     for name in (event.sender, event.to):
@@ -113,7 +117,7 @@ def _(event: MessageAccepted, state: Threads, position: int) -> Threads:
     state.messages[event.message_id] = MessageInfo(
         message_id=event.message_id, thread_id=event.thread_id, parent_id=event.parent_id,
         sender=event.sender, to=event.to, payload_type=event.payload_type,
-        accepted_at=event.at, position=position,
+        accepted_at=event.at, position=position, status="outbound" if outbound else "pending",
     )
     if event.idempotency_key is not None:
         state.idempotency.setdefault(event.idempotency_key, event.message_id)

@@ -1,0 +1,163 @@
+"""State is a pure fold: folding everything equals snapshot + rest, for any event sequence."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from xml_pipeline.events import (
+    CATALOGUE,
+    AgentPaused,
+    AgentResumed,
+    Event,
+    HandlerSucceeded,
+    MessageAccepted,
+    MessageDeadLettered,
+    MessageDelivered,
+    OrganismLoaded,
+    ThreadCompleted,
+    ThreadKilled,
+    TokensReserved,
+    TokensUsed,
+    decode,
+    encode,
+)
+from xml_pipeline.events import Recorded
+from xml_pipeline.state import State, project
+
+MESSAGES = st.sampled_from([f"m{i}" for i in range(6)])
+THREADS = st.sampled_from([f"t{i}" for i in range(3)])
+NAMES = st.sampled_from(["a", "b", "c"])
+TIMES = st.floats(min_value=0, max_value=2e9, allow_nan=False, allow_infinity=False)
+TEXT = st.text(max_size=20)
+BUDGETS = st.dictionaries(st.sampled_from(["thread_tokens", "agent_tokens", "organism_tokens"]),
+                          st.one_of(st.none(), st.integers(1, 10_000)), max_size=3)
+LISTENERS = st.dictionaries(NAMES, st.fixed_dictionaries(
+    {}, optional={"budget": st.fixed_dictionaries(
+        {}, optional={"agent_tokens": st.integers(1, 5000)})}), max_size=3)
+
+_BY_NAME: dict[str, st.SearchStrategy[typing.Any]] = {
+    "at": TIMES,
+    "message_id": MESSAGES,
+    "parent_id": st.one_of(st.none(), MESSAGES),
+    "thread_id": THREADS,
+    "reservation_id": st.sampled_from(["r1", "r2", "r3"]),
+    "key": st.one_of(THREADS, NAMES),
+    "scope": st.sampled_from(["thread", "agent", "organism"]),
+    "listener": NAMES,
+    "agent": NAMES,
+    "sender": NAMES,
+    "to": NAMES,
+    "by": NAMES,
+    "model": st.sampled_from(["m-small", "m-large"]),
+    "idempotency_key": st.one_of(st.none(), st.sampled_from(["k1", "k2"])),
+    "budgets": BUDGETS,
+    "listeners": LISTENERS,
+    "added": st.tuples(NAMES), "removed": st.tuples(), "updated": st.tuples(NAMES),
+    "cost": st.floats(min_value=0, max_value=10, allow_nan=False),
+    "latency_ms": st.floats(min_value=0, max_value=1e5, allow_nan=False),
+    "duration_ms": st.floats(min_value=0, max_value=1e5, allow_nan=False),
+    "delay": st.floats(min_value=0, max_value=100, allow_nan=False),
+}
+
+
+def _field_strategy(name: str, kind: typing.Any) -> st.SearchStrategy[typing.Any]:
+    if name in _BY_NAME:
+        return _BY_NAME[name]
+    if kind is int:
+        return st.integers(0, 10_000)
+    if kind is bool:
+        return st.booleans()
+    if kind == (str | None):
+        return st.one_of(st.none(), TEXT)
+    return TEXT
+
+
+def _event_strategy(cls: type[Event]) -> st.SearchStrategy[Event]:
+    hints = typing.get_type_hints(cls)
+    return st.builds(cls, **{f.name: _field_strategy(f.name, hints[f.name])
+                             for f in dataclasses.fields(cls)})
+
+
+# Weighted towards the message lifecycle so that sequences actually interact.
+EVENTS = st.one_of(
+    *(_event_strategy(c) for c in (MessageAccepted, MessageAccepted, MessageDelivered,
+                                   HandlerSucceeded, MessageDeadLettered, ThreadCompleted,
+                                   TokensReserved, TokensUsed, OrganismLoaded, AgentPaused,
+                                   AgentResumed, ThreadKilled)),
+    *(_event_strategy(c) for c in CATALOGUE.values()),
+)
+
+
+def _records(events: list[Event]) -> list[Recorded]:
+    return [Recorded(i + 1, e) for i, e in enumerate(events)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(events=st.lists(EVENTS, max_size=60), data=st.data())
+def test_fold_all_equals_snapshot_plus_rest(events: list[Event], data: st.DataObject) -> None:
+    records = _records(events)
+    cut = data.draw(st.integers(0, len(records)))
+    whole = project(records)
+    snapshot = State.decode(project(records[:cut]).encode())
+    resumed = project(records[cut:], snapshot)
+    assert resumed == whole
+    assert resumed.digest() == whole.digest()
+
+
+@settings(max_examples=300, deadline=None)
+@given(event=st.one_of(*(_event_strategy(c) for c in CATALOGUE.values())))
+def test_decode_of_encode_is_the_event(event: Event) -> None:
+    assert decode(*encode(event)) == event
+
+
+@settings(max_examples=100, deadline=None)
+@given(events=st.lists(EVENTS, max_size=40))
+def test_fold_is_deterministic(events: list[Event]) -> None:
+    assert project(_records(events)).digest() == project(_records(events)).digest()
+
+
+def test_message_lifecycle_and_thread_status() -> None:
+    events: list[Event] = [
+        OrganismLoaded(at=1, name="o", digest="d", source="", budgets={"thread_tokens": 100},
+                       listeners={"a": {}, "b": {}}),
+        MessageAccepted(at=2, message_id="m1", thread_id="t1", parent_id=None, sender="api",
+                        to="a", payload_type="X", envelope="<x/>"),
+        MessageDelivered(at=3, message_id="m1", listener="a", attempt=1),
+        MessageAccepted(at=4, message_id="m2", thread_id="t1", parent_id="m1", sender="a",
+                        to="b", payload_type="Y", envelope="<y/>"),
+        HandlerSucceeded(at=5, message_id="m1", listener="a", duration_ms=1.0),
+        MessageDelivered(at=6, message_id="m2", listener="b", attempt=1),
+        MessageDeadLettered(at=7, message_id="m2", listener="b", reason="boom"),
+        ThreadCompleted(at=8, thread_id="t1"),
+        TokensUsed(at=9, thread_id="t1", agent="a", model="m", input_tokens=10,
+                   output_tokens=5, cost=0.5),
+    ]
+    state = project(_records(events))
+    thread = state.threads.threads["t1"]
+    assert (thread.status, thread.message_count, thread.open_count, thread.dead_count) == \
+        ("failed", 2, 0, 1)
+    assert state.threads.messages["m2"].parent_id == "m1"
+    assert state.threads.dead_letters == {"m2": "boom"}
+    assert state.agents.agents["a"].succeeded == 1
+    assert state.agents.agents["b"].dead_lettered == 1
+    assert state.budgets.threads["t1"].used == 15
+    assert state.budgets.threads["t1"].limit == 100
+    assert state.budgets.usage_by_model["m"].total_tokens == 15
+
+
+def test_unknown_event_type_fails_loudly() -> None:
+    @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+    class Invented(Event):
+        pass
+
+    state = State()
+    try:
+        state.apply(1, Invented(at=1.0))
+    except TypeError as exc:
+        assert "Invented is not in the event catalogue" in str(exc)
+    else:
+        raise AssertionError("an unknown event type was folded silently")

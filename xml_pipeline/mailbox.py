@@ -153,7 +153,9 @@ class Mailbox:
 
     @property
     def idle(self) -> bool:
-        return not self._queue and not self._in_flight and not self._reserved
+        """Nothing in flight and nothing deliverable queued (a paused mailbox may hold
+        messages and still be idle)."""
+        return not self._in_flight and not self._reserved and (self._paused or not self._queue)
 
     def statistics(self) -> MailboxStatistics:
         return MailboxStatistics(queued=len(self._queue), in_flight=self._in_flight,

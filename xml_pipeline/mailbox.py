@@ -34,6 +34,8 @@ class Delivery:
     redelivery: bool = False
     attempts: int = 0  # deliveries so far
     system_depth: int = 0  # SystemErrors in a row that led to this message
+    sends: int = 0  # messages sent by the current handler call
+    prior_sends: list[str] | None = None  # what earlier calls sent (filled on redelivery)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -317,6 +317,9 @@ class Pump:
                 raise XmlPipelineError("A reply to an API client must be XML, not a dict.")
             else:
                 payload = coerce_payload(data, listener.schema, limits=self.organism.limits)
+            earlier = self._earlier_send(listener, delivery, to)
+            if earlier is not None:
+                return earlier
             accepted = await self._accept(payload=_unwrap(payload), to=to,
                                           sender=listener.name, thread_id=delivery.thread_id,
                                           parent_id=delivery.message_id, idempotency_key=None,
@@ -337,6 +340,29 @@ class Pump:
                                idempotency_key=None, wait=True, validate=False,
                                system_depth=delivery.system_depth + 1)
             return None
+
+    def _earlier_send(self, listener: Listener, delivery: Delivery, to: str) -> str | None:
+        """On a redelivery or retry, the k-th send of this call returns the message the k-th
+        send of an earlier call already put in the log (same target), instead of sending it
+        twice: downstream listeners see each message once even though the handler ran again."""
+        index = delivery.sends
+        delivery.sends += 1
+        if not delivery.redelivery and delivery.attempts <= 1:
+            return None
+        if delivery.prior_sends is None:
+            threads = self.state.threads
+            thread = threads.threads.get(delivery.thread_id)
+            ids = thread.messages if thread is not None else []
+            delivery.prior_sends = [
+                m for m in ids
+                if threads.messages[m].parent_id == delivery.message_id
+                and threads.messages[m].sender == listener.name
+            ]
+        if index < len(delivery.prior_sends):
+            earlier = self.state.threads.messages[delivery.prior_sends[index]]
+            if earlier.to == to:
+                return earlier.message_id
+        return None
 
     def _thread_killed(self, thread_id: str) -> bool:
         thread = self.state.threads.threads.get(thread_id)
@@ -415,6 +441,7 @@ class Pump:
 
         ctx = Context(info=info, send=send,
                       logger=logging.getLogger(f"xml_pipeline.listener.{listener.name}"))
+        delivery.sends = 0
         handler = listener.handler_fn
         if handler is None:
             return f"Listener {listener.name!r} has no handler."

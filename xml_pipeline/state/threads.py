@@ -62,6 +62,7 @@ class ThreadInfo(msgspec.Struct, kw_only=True, array_like=True, gc=False):
     dead_count: int = 0
     rejected_count: int = 0
     participants: list[str] = msgspec.field(default_factory=list)
+    messages: list[str] = msgspec.field(default_factory=list)  # ids, in acceptance order
     killed_by: str | None = None
 
 
@@ -106,6 +107,7 @@ def _(event: MessageAccepted, state: Threads, position: int) -> Threads:
         state.threads[event.thread_id] = thread
     thread.updated_at = event.at
     thread.message_count += 1
+    thread.messages.append(event.message_id)
     outbound = event.to in RESERVED_SENDERS
     if not outbound:
         thread.open_count += 1

@@ -71,27 +71,28 @@ def start(path: Path) -> subprocess.Popen[bytes]:
 
 async def inject_until_killed(data: Path, process: subprocess.Popen[bytes], rounds: int,
                               rng: random.Random) -> dict[str, tuple[str, str]]:
-    """Inject steadily; SIGKILL the process at a random moment. Returns acked id -> (n, thread)."""
+    """Eight clients inject steadily; once a random number of injections were acknowledged,
+    SIGKILL the process while the others are in flight. Returns acked id -> (n, thread)."""
     acked: dict[str, tuple[str, str]] = {}
-    kill_after = rng.randint(5, 60)
+    threshold = rng.randint(1, 80)
+    killed = asyncio.Event()
+    counter = iter(range(1_000_000))
 
-    async def client(k: int) -> None:
-        n = f"{rounds}-{k}"
-        try:
-            answer = await request(data, {"op": "inject", "to": "hop1",
-                                          "payload": f"<Item><n>{n}</n></Item>"})
-        except (ConnectionError, OSError):
-            return
-        if answer.get("ok"):
-            acked[answer["message_id"]] = (n, answer["thread_id"])
+    async def client() -> None:
+        while not killed.is_set():
+            n = f"{rounds}-{next(counter)}"
+            try:
+                answer = await request(data, {"op": "inject", "to": "hop1",
+                                              "payload": f"<Item><n>{n}</n></Item>"})
+            except (ConnectionError, OSError):
+                return
+            if answer.get("ok"):
+                acked[answer["message_id"]] = (n, answer["thread_id"])
+            if len(acked) >= threshold and not killed.is_set():
+                os.kill(process.pid, signal.SIGKILL)
+                killed.set()
 
-    tasks = []
-    for k in range(200):
-        tasks.append(asyncio.ensure_future(client(k)))
-        if k == kill_after:
-            os.kill(process.pid, signal.SIGKILL)
-        await asyncio.sleep(0)
-    await asyncio.gather(*tasks)
+    await asyncio.gather(*(client() for _ in range(8)))
     process.wait()
     return acked
 
@@ -102,7 +103,7 @@ async def test_sigkill_mid_traffic_loses_nothing_acknowledged(tmp_path: Path) ->
     data = tmp_path / "org" / "events"
     rng = random.Random(1234)
     acked: dict[str, tuple[str, str]] = {}
-    for rounds in range(3):
+    for rounds in range(4):
         process = start(path)
         try:
             acked.update(await inject_until_killed(data, process, rounds, rng))

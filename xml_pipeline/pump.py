@@ -22,6 +22,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from lxml import etree
@@ -115,21 +116,115 @@ class Pump:
         self._in_handler: dict[str, tuple[asyncio.Task[Any], Delivery]] = {}
         self._killed: set[str] = set()  # message ids cancelled by a thread kill
         self._accepting = 0
+        self._appending = 0
+        self._completing: set[str] = set()  # threads whose ThreadCompleted is on its way
+        self._open: dict[str, int] = {}  # open messages per thread, ahead of the fold
+        self._buffer: list[tuple[list[Event], asyncio.Future[list[int]]]] = []
+        self._flush_scheduled = False
+        self._loop = asyncio.get_running_loop()
+        self._pending_keys: dict[str, Accepted] = {}
+        self._fault: BaseException | None = None
         self._stopping = False
         self._signal = asyncio.Event()
         self._workers: list[asyncio.Task[None]] = []
+        self._loggers: dict[str, logging.Logger] = {}
 
     # ------------------------------------------------------------ commit = append, then fold
 
+    def _commit_soon(self, events: list[Event]) -> asyncio.Future[list[int]]:
+        """Append ``events`` soon, in call order; they are folded into ``state`` once durable.
+
+        Every commit made in one turn of the event loop shares one append (one write batch,
+        one fold). Returns a future of the events' positions, done after they are folded."""
+        future: asyncio.Future[list[int]] = self._loop.create_future()
+        self._buffer.append((events, future))
+        self._appending += 1
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+        return future
+
     async def _commit(self, events: list[Event]) -> list[int]:
-        positions = await self.log.append(events)
-        for position, event in zip(positions, events, strict=True):
-            self._unfolded[position] = event
-        state = self.state
-        while (following := state.position + 1) in self._unfolded:
-            state.apply(following, self._unfolded.pop(following))
+        """Append ``events`` and return once they are durable and folded."""
+        return await asyncio.shield(self._commit_soon(events))
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        batch, self._buffer = self._buffer, []
+        if not batch:
+            return
+        events = [event for part, _ in batch for event in part]
+        try:
+            future = self.log.append_nowait(events)
+        except Exception as exc:  # a closed or failed log: nothing was appended
+            self._failed(batch, exc)
+            return
+        future.add_done_callback(partial(self._fold, batch))
+
+    def _failed(self, batch: list[tuple[list[Event], asyncio.Future[list[int]]]],
+                exc: BaseException) -> None:
+        self._appending -= len(batch)
+        self._fault = exc
+        _log.error("an append failed; its events were not recorded: %s", exc)
+        for _, future in batch:
+            if not future.done():
+                future.set_exception(exc)
+                future.exception()  # retrieved here: fire-and-forget commits log it above
         self._notify()
-        return positions
+
+    def _fold(self, batch: list[tuple[list[Event], asyncio.Future[list[int]]]],
+              future: asyncio.Future[list[int]]) -> None:
+        if future.cancelled():
+            self._failed(batch, asyncio.CancelledError())
+            return
+        error = future.exception()
+        if error is not None:
+            self._failed(batch, error)
+            return
+        self._appending -= len(batch)
+        positions = future.result()
+        unfolded = self._unfolded
+        for position, event in zip(positions, (e for part, _ in batch for e in part),
+                                   strict=True):
+            unfolded[position] = event
+        state = self.state
+        finished: list[str] = []
+        while (following := state.position + 1) in unfolded:
+            event = unfolded.pop(following)
+            state.apply(following, event)
+            if isinstance(event, _OUTCOMES):
+                message = state.threads.messages.get(event.message_id)
+                if message is not None:
+                    finished.append(message.thread_id)
+            elif isinstance(event, ThreadCompleted):
+                self._completing.discard(event.thread_id)
+        start = 0
+        for part, part_future in batch:
+            if not part_future.done():
+                part_future.set_result(positions[start:start + len(part)])
+            start += len(part)
+        # A thread whose last open message just finished is complete (if the worker did not
+        # already record it with the outcome).
+        for thread_id in finished:
+            thread = state.threads.threads.get(thread_id)
+            if (thread is not None and thread.status == "active" and thread.open_count == 0
+                    and thread_id not in self._completing):
+                self._completing.add(thread_id)
+                self._commit_soon([ThreadCompleted(at=self._clock(), thread_id=thread_id)])
+        self._notify()
+
+    def _outcome(self, thread_id: str, events: list[Event]) -> list[Event]:
+        """``events`` (closing one message of ``thread_id``), plus ``ThreadCompleted`` when that
+        was the thread's last open message, so both share one append."""
+        remaining = self._open.get(thread_id, 0) - 1
+        if remaining > 0:
+            self._open[thread_id] = remaining
+            return events
+        self._open.pop(thread_id, None)
+        if thread_id in self._completing:
+            return events
+        self._completing.add(thread_id)
+        return [*events, ThreadCompleted(at=self._clock(), thread_id=thread_id)]
 
     def _notify(self) -> None:
         self._signal.set()
@@ -139,6 +234,8 @@ class Pump:
 
     async def _start(self) -> None:
         self.state = await replay(self.log)
+        # After a crash (no OrganismStopped last), any pending message may have been seen.
+        self._clean_start = self.state.agents.status in ("new", "stopped")
         now = self._clock()
         events: list[Event] = [OrganismStarted(at=now, name=self.organism.name,
                                                digest=self.organism.digest, pid=os.getpid(),
@@ -154,6 +251,9 @@ class Pump:
                 mailbox.pause()
             self._mailboxes[name] = mailbox
         await self._recover()
+        self._open = {thread_id: thread.open_count
+                      for thread_id, thread in self.state.threads.threads.items()
+                      if thread.open_count > 0}
 
     async def _recover(self) -> None:
         messages = self.state.threads.messages
@@ -190,7 +290,8 @@ class Pump:
                                  sender=info.sender, parent_id=info.parent_id,
                                  payload=envelope.payload,
                                  envelope=accepted.envelope.encode("utf-8"),
-                                 redelivery=info.attempts > 0, attempts=info.attempts),
+                                 redelivery=info.attempts > 0 or not self._clean_start,
+                                 attempts=info.attempts),
                         reserved=False)
         if outcomes:
             await self._commit(outcomes)
@@ -198,11 +299,13 @@ class Pump:
     # ------------------------------------------------------------ accepting messages
 
     async def inject(self, data: Payload, *, to: str | None = None, thread_id: str | None = None,
-                     sender: str = "api", idempotency_key: str | None = None) -> Accepted:
+                     sender: str = "api", idempotency_key: str | None = None,
+                     wait: bool = False) -> Accepted:
         """Accept a message from outside: a full envelope (``to`` None) or a payload for ``to``.
 
         Returns once the message is durable. Raises an ``XmlError``/``RoutingError`` subclass
-        (recorded as ``MessageRejected``) or ``BusyError`` (not recorded: try again later).
+        (recorded as ``MessageRejected``) or, when the target's mailbox is full, waits for room
+        (``wait=True``) or raises ``MailboxFullError`` (not recorded: try again later).
         """
         if self._stopping:
             raise BusyError("The organism is stopping; it accepts no new messages.")
@@ -218,7 +321,7 @@ class Pump:
                 payload = _unwrap(payload)
             return await self._accept(payload=payload, to=to, sender=sender,
                                       thread_id=thread_id, parent_id=None,
-                                      idempotency_key=idempotency_key, wait=False)
+                                      idempotency_key=idempotency_key, wait=wait)
         except (BusyError, LogError):
             raise
         except XmlPipelineError as exc:
@@ -239,11 +342,17 @@ class Pump:
     async def _accept(self, *, payload: etree._Element, to: str, sender: str,
                       thread_id: str | None, parent_id: str | None,
                       idempotency_key: str | None, wait: bool, validate: bool = True,
-                      system_depth: int = 0) -> Accepted:
+                      system_depth: int = 0, durable: bool = True) -> Accepted:
+        """Route, validate and append one message. With ``durable`` it returns once the message
+        is in the log; otherwise at once (it reaches the mailbox when durable either way)."""
         threads = self.state.threads
-        if idempotency_key is not None and idempotency_key in threads.idempotency:
-            first = threads.messages[threads.idempotency[idempotency_key]]
-            return Accepted(first.message_id, first.thread_id, duplicate=True)
+        if idempotency_key is not None:
+            if idempotency_key in threads.idempotency:
+                first = threads.messages[threads.idempotency[idempotency_key]]
+                return Accepted(first.message_id, first.thread_id, duplicate=True)
+            if idempotency_key in self._pending_keys:
+                pending = self._pending_keys[idempotency_key]
+                return Accepted(pending.message_id, pending.thread_id, duplicate=True)
         outbound = to in RESERVED_SENDERS
         if not outbound:
             listener = self._listener(to)
@@ -276,25 +385,52 @@ class Pump:
                                     envelope=envelope.decode("utf-8"),
                                     idempotency_key=idempotency_key)
             try:
-                await self._commit([event])
+                future = self._commit_soon([event])
             except BaseException:
                 if mailbox is not None:
                     mailbox.release()
                 raise
+            accepted = Accepted(message_id, thread)
             if mailbox is not None:
-                mailbox.put(Delivery(message_id=message_id, thread_id=thread, sender=sender,
-                                     parent_id=parent_id, payload=payload, envelope=envelope,
-                                     system_depth=system_depth))
-            return Accepted(message_id, thread)
+                self._open[thread] = self._open.get(thread, 0) + 1
+                self._completing.discard(thread)
+            if idempotency_key is not None:
+                self._pending_keys[idempotency_key] = accepted
+            delivery = None if mailbox is None else Delivery(
+                message_id=message_id, thread_id=thread, sender=sender, parent_id=parent_id,
+                payload=payload, envelope=envelope, system_depth=system_depth)
+            future.add_done_callback(partial(self._accepted, mailbox, delivery,
+                                             idempotency_key))
         finally:
             self._accepting -= 1
+        if not durable:
+            return accepted
+        await asyncio.shield(future)
+        return accepted
+
+    def _accepted(self, mailbox: Mailbox | None, delivery: Delivery | None,
+                  idempotency_key: str | None, future: asyncio.Future[list[int]]) -> None:
+        """Once a MessageAccepted is durable (and folded), deliver it; if it failed, free its
+        mailbox slot (the sender was told through the append's error)."""
+        if idempotency_key is not None:
+            self._pending_keys.pop(idempotency_key, None)
+        if mailbox is None or delivery is None:
+            return
+        if future.cancelled() or future.exception() is not None:
+            mailbox.release()
+        else:
+            mailbox.put(delivery)
+        self._notify()
 
     async def _reject(self, exc: XmlPipelineError, *, raw: Any, sender: str | None,
-                      to: str | None, thread_id: str | None, parent_id: str | None) -> None:
-        await self._commit([MessageRejected(at=self._clock(), reason=exc.code,
+                      to: str | None, thread_id: str | None, parent_id: str | None,
+                      durable: bool = True) -> None:
+        future = self._commit_soon([MessageRejected(at=self._clock(), reason=exc.code,
                                             error=exc.message, raw=_raw_text(raw),
                                             sender=sender, to=to, thread_id=thread_id,
                                             parent_id=parent_id)])
+        if durable:
+            await asyncio.shield(future)
 
     async def _send(self, listener: Listener, delivery: Delivery, to: str, data: Payload,
                     is_reply: bool) -> str | None:
@@ -323,14 +459,14 @@ class Pump:
             accepted = await self._accept(payload=_unwrap(payload), to=to,
                                           sender=listener.name, thread_id=delivery.thread_id,
                                           parent_id=delivery.message_id, idempotency_key=None,
-                                          wait=True)
+                                          wait=True, durable=False)
             return accepted.message_id
         except (BusyError, LogError):
             raise
         except XmlPipelineError as exc:
             await self._reject(exc, raw=data if not isinstance(data, Mapping) else repr(data),
                                sender=listener.name, to=to, thread_id=delivery.thread_id,
-                               parent_id=delivery.message_id)
+                               parent_id=delivery.message_id, durable=False)
             if isinstance(exc, ThreadClosedError) or delivery.system_depth >= MAX_SYSTEM_ERRORS:
                 return None
             await self._accept(payload=system_error(code=exc.code, message=exc.message,
@@ -338,7 +474,7 @@ class Pump:
                                to=listener.name, sender="system",
                                thread_id=delivery.thread_id, parent_id=delivery.message_id,
                                idempotency_key=None, wait=True, validate=False,
-                               system_depth=delivery.system_depth + 1)
+                               system_depth=delivery.system_depth + 1, durable=False)
             return None
 
     def _earlier_send(self, listener: Listener, delivery: Delivery, to: str) -> str | None:
@@ -383,34 +519,40 @@ class Pump:
                 self._notify()
 
     async def _deliver(self, name: str, delivery: Delivery) -> None:
+        # Outcome events are appended without waiting: the log keeps their order, the fold
+        # applies them once durable, and a crash before that only means a redelivery.
         while True:
             listener = self.organism.listeners.get(name)
             if listener is None:
-                await self._commit([MessageDeadLettered(
+                self._commit_soon(self._outcome(delivery.thread_id, [MessageDeadLettered(
                     at=self._clock(), message_id=delivery.message_id, listener=name,
-                    reason=f"Listener {name!r} was removed from the organism.")])
-                break
+                    reason=f"Listener {name!r} was removed from the organism.")]))
+                return
             if self._thread_killed(delivery.thread_id):
-                await self._commit([MessageDropped(at=self._clock(),
-                                                   message_id=delivery.message_id,
-                                                   thread_id=delivery.thread_id,
-                                                   reason="thread killed")])
-                break
+                self._commit_soon([MessageDropped(at=self._clock(),
+                                                  message_id=delivery.message_id,
+                                                  thread_id=delivery.thread_id,
+                                                  reason="thread killed")])
+                return
             delivery.attempts += 1
             attempt = delivery.attempts
-            await self._commit([MessageDelivered(at=self._clock(), message_id=delivery.message_id,
-                                                 listener=name, attempt=attempt,
-                                                 redelivery=delivery.redelivery)])
+            self._commit_soon([MessageDelivered(at=self._clock(), message_id=delivery.message_id,
+                                                listener=name, attempt=attempt,
+                                                redelivery=delivery.redelivery)])
+            started = time.perf_counter()
             error = await self._call(listener, delivery, attempt)
             if delivery.message_id in self._killed:
                 self._killed.discard(delivery.message_id)
-                await self._commit([MessageDropped(at=self._clock(),
-                                                   message_id=delivery.message_id,
-                                                   thread_id=delivery.thread_id,
-                                                   reason="thread killed")])
-                break
+                self._commit_soon([MessageDropped(at=self._clock(),
+                                                  message_id=delivery.message_id,
+                                                  thread_id=delivery.thread_id,
+                                                  reason="thread killed")])
+                return
             if error is None:
-                break
+                self._commit_soon(self._outcome(delivery.thread_id, [HandlerSucceeded(
+                    at=self._clock(), message_id=delivery.message_id, listener=name,
+                    duration_ms=(time.perf_counter() - started) * 1000)]))
+                return
             will_retry = attempt <= listener.retries.max
             events: list[Event] = [HandlerFailed(at=self._clock(), message_id=delivery.message_id,
                                                  listener=name, attempt=attempt, error=error,
@@ -423,14 +565,15 @@ class Pump:
                 events.append(MessageDeadLettered(at=self._clock(),
                                                   message_id=delivery.message_id,
                                                   listener=name, reason=error))
-            await self._commit(events)
+                events = self._outcome(delivery.thread_id, events)
+            self._commit_soon(events)
             if not will_retry:
-                break
+                return
             await asyncio.sleep(delay)
-        await self._maybe_complete(delivery.thread_id)
 
     async def _call(self, listener: Listener, delivery: Delivery, attempt: int) -> str | None:
-        """Run the handler once; the error text if it failed, None if it succeeded."""
+        """Run the handler once; the error text if it failed, None if it succeeded (or was
+        cancelled by a thread kill, which the caller checks)."""
         info = HandlerInfo(name=listener.name, peers=listener.peers,
                            message_id=delivery.message_id, thread=delivery.thread_id,
                            sender=delivery.sender, parent=delivery.parent_id,
@@ -439,8 +582,7 @@ class Pump:
         async def send(to: str, data: Payload, is_reply: bool) -> str | None:
             return await self._send(listener, delivery, to, data, is_reply)
 
-        ctx = Context(info=info, send=send,
-                      logger=logging.getLogger(f"xml_pipeline.listener.{listener.name}"))
+        ctx = Context(info=info, send=send, logger=self._logger(listener.name))
         delivery.sends = 0
         handler = listener.handler_fn
         if handler is None:
@@ -448,7 +590,6 @@ class Pump:
         task = asyncio.current_task()
         assert task is not None
         self._in_handler[delivery.message_id] = (task, delivery)
-        started = time.perf_counter()
         try:
             async with asyncio.timeout(listener.timeout):
                 await handler(delivery.payload, ctx)
@@ -465,19 +606,15 @@ class Pump:
             return f"{type(exc).__name__}: {exc}"
         finally:
             del self._in_handler[delivery.message_id]
-        if delivery.message_id in self._killed:
-            if task.cancelling():
-                task.uncancel()
-            return None
-        duration = (time.perf_counter() - started) * 1000
-        await self._commit([HandlerSucceeded(at=self._clock(), message_id=delivery.message_id,
-                                             listener=listener.name, duration_ms=duration)])
+        if delivery.message_id in self._killed and task.cancelling():
+            task.uncancel()
         return None
 
-    async def _maybe_complete(self, thread_id: str) -> None:
-        thread = self.state.threads.threads.get(thread_id)
-        if thread is not None and thread.status == "active" and thread.open_count == 0:
-            await self._commit([ThreadCompleted(at=self._clock(), thread_id=thread_id)])
+    def _logger(self, name: str) -> logging.Logger:
+        logger = self._loggers.get(name)
+        if logger is None:
+            logger = self._loggers[name] = logging.getLogger(f"xml_pipeline.listener.{name}")
+        return logger
 
     # ------------------------------------------------------------ control
 
@@ -509,6 +646,7 @@ class Pump:
             return True
         await self._commit([ThreadKilled(at=self._clock(), thread_id=thread_id, by=by,
                                          reason=reason)])
+        self._open.pop(thread_id, None)
         dropped: list[Event] = []
         for mailbox in self._mailboxes.values():
             for delivery in mailbox.drop_thread(thread_id):
@@ -525,7 +663,7 @@ class Pump:
     # ------------------------------------------------------------ waiting and stopping
 
     def _idle(self) -> bool:
-        return (not self._accepting and not self._unfolded
+        return (not self._accepting and not self._appending and not self._unfolded
                 and all(m.idle for m in self._mailboxes.values()))
 
     async def wait_idle(self) -> None:
@@ -556,6 +694,9 @@ class Pump:
             await self._commit([OrganismStopped(at=self._clock(), reason=reason)])
         except LogError as exc:
             _log.error("could not record OrganismStopped: %s", exc)
+
+
+_OUTCOMES = (HandlerSucceeded, MessageDeadLettered, MessageDropped)
 
 
 def _unwrap(payload: etree._Element) -> etree._Element:

@@ -5,6 +5,8 @@ JetStream to scale out); one shared contract test suite runs against each.
 
 - ``append(events)`` makes the events durable according to the backend's policy and returns
   their positions (consecutive, starting at 1 for a new log). It returns only once durable.
+- ``append_nowait(events)`` gives the events their positions at once (so successive calls
+  are ordered as they were made) and returns a future of the positions, done once durable.
 - ``read(after)`` yields every record with a position greater than ``after`` that exists when
   the read reaches it, in order, then ends.
 - ``follow(after)`` does the same and then keeps yielding new records as they are appended,
@@ -14,6 +16,7 @@ JetStream to scale out); one shared contract test suite runs against each.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from typing import Protocol, runtime_checkable
 
@@ -30,6 +33,8 @@ class EventLog(Protocol):
     def last_position(self) -> int: ...
 
     async def append(self, events: Sequence[Event]) -> list[int]: ...
+
+    def append_nowait(self, events: Sequence[Event]) -> asyncio.Future[list[int]]: ...
 
     def read(self, after: int = 0) -> AsyncIterator[Recorded]: ...
 

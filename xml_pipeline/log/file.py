@@ -44,15 +44,16 @@ _POLL_INTERVAL = 0.05  # how often followers look for records written by other p
 
 
 class _Batch:
-    __slots__ = ("data", "count", "last_position", "last_hash", "future")
+    __slots__ = ("data", "count", "last_position", "last_hash", "future", "first_position")
 
     def __init__(self, data: bytes, count: int, last_position: int, last_hash: bytes,
-                 future: asyncio.Future[None]) -> None:
+                 future: asyncio.Future[list[int]], first_position: int) -> None:
         self.data = data
         self.count = count
         self.last_position = last_position
         self.last_hash = last_hash
         self.future = future
+        self.first_position = first_position
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -288,12 +289,20 @@ class FileLog:
         return self._durable
 
     async def append(self, events: Sequence[Event]) -> list[int]:
+        # Shielded: a caller that stops waiting does not un-write the records.
+        return await asyncio.shield(self.append_nowait(events))
+
+    def append_nowait(self, events: Sequence[Event]) -> asyncio.Future[list[int]]:
+        """Give the records their positions now and a future that resolves once they are
+        durable. Records of successive calls are written in call order."""
         if self._closed:
             raise LogClosedError("The log is closed; open it again to append.")
         if self._writer is None:
             raise LogWriteError(f"The log at {self.directory} was opened read-only.")
+        future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
         if not events:
-            return []
+            future.set_result([])
+            return future
         writer = self._writer
         if writer.failure is not None:
             if not writer.reset_failure():
@@ -313,18 +322,17 @@ class FileLog:
         first = self._next_position
         self._next_position = position
         self._previous_hash = previous
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        writer.submit(_Batch(b"".join(frames), len(frames), position - 1, previous, future))
-        # Shielded: a caller that stops waiting does not un-write the records.
-        await asyncio.shield(future)
-        return list(range(first, position))
+        writer.submit(_Batch(b"".join(frames), len(frames), position - 1, previous, future,
+                             first))
+        return future
 
     def _on_durable(self, batches: list[_Batch], error: BaseException | None) -> None:
         for batch in batches:
             if batch.future.done():
                 continue
             if error is None:
-                batch.future.set_result(None)
+                batch.future.set_result(list(range(batch.first_position,
+                                                   batch.last_position + 1)))
             else:
                 batch.future.set_exception(error)
         if error is None:

@@ -15,7 +15,7 @@ __all__ = ["MemoryLog"]
 class MemoryLog:
     def __init__(self) -> None:
         self._records: list[Recorded] = []
-        self._changed = asyncio.Condition()
+        self._signal = asyncio.Event()
         self._closed = False
         self._batches = 0
         self._largest = 0
@@ -25,6 +25,9 @@ class MemoryLog:
         return len(self._records)
 
     async def append(self, events: Sequence[Event]) -> list[int]:
+        return await self.append_nowait(events)
+
+    def append_nowait(self, events: Sequence[Event]) -> asyncio.Future[list[int]]:
         if self._closed:
             raise LogClosedError("The log is closed; open it again to append.")
         start = len(self._records) + 1
@@ -32,9 +35,14 @@ class MemoryLog:
         self._records.extend(Recorded(p, e) for p, e in zip(positions, events, strict=True))
         self._batches += 1
         self._largest = max(self._largest, len(events))
-        async with self._changed:
-            self._changed.notify_all()
-        return positions
+        self._notify()
+        future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        future.set_result(positions)
+        return future
+
+    def _notify(self) -> None:
+        self._signal.set()
+        self._signal = asyncio.Event()
 
     async def read(self, after: int = 0) -> AsyncIterator[Recorded]:
         index = max(after, 0)
@@ -50,10 +58,7 @@ class MemoryLog:
                 index += 1
             if self._closed:
                 return
-            async with self._changed:
-                await self._changed.wait_for(
-                    lambda: self._closed or index < len(self._records)
-                )
+            await self._signal.wait()
 
     def statistics(self) -> LogStatistics:
         return LogStatistics(
@@ -67,5 +72,4 @@ class MemoryLog:
 
     async def aclose(self) -> None:
         self._closed = True
-        async with self._changed:
-            self._changed.notify_all()
+        self._notify()

@@ -218,7 +218,7 @@ def _(event: ThreadKilled, state: Threads, position: int) -> Threads:
 @evolve.register
 def _(event: ThreadCompleted, state: Threads, position: int) -> Threads:
     thread = _touch(state, event.thread_id, event.at)
-    if thread is not None and thread.status == "active":
+    if thread is not None and thread.status == "active" and thread.open_count == 0:
         thread.status = "failed" if thread.dead_count else "completed"
     return state
 

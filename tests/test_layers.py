@@ -18,7 +18,7 @@ LAYERS = [
     {"events"},
     {"log"},
     {"state"},
-    {"mailbox", "handlers", "llm", "pump", "reload", "control"},
+    {"mailbox", "handlers", "ledger", "delivery", "llm", "pump", "reload", "control"},
     {"api", "cli", "__main__", "__init__"},
 ]
 

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import ROOT, write_organism
+from xml_pipeline.cli import main
 from xml_pipeline.errors import OrganismError
 from xml_pipeline.organism import load_organism, parse_duration
-from xml_pipeline.cli import main
-from tests.conftest import ROOT, write_organism
 
 _counter = itertools.count()
 

@@ -18,6 +18,7 @@ from xml_pipeline.events import (
     MessageDeadLettered,
     MessageDelivered,
     OrganismLoaded,
+    Recorded,
     ThreadCompleted,
     ThreadKilled,
     TokensReserved,
@@ -25,7 +26,6 @@ from xml_pipeline.events import (
     decode,
     encode,
 )
-from xml_pipeline.events import Recorded
 from xml_pipeline.state import State, project
 
 MESSAGES = st.sampled_from([f"m{i}" for i in range(6)])

@@ -25,12 +25,13 @@ from xml_pipeline.events import CATALOGUE, Event, Recorded
 from xml_pipeline.log.file import open_file_log
 from xml_pipeline.log.segments import verify_log
 from xml_pipeline.organism import Organism, load_organism
-from xml_pipeline.state import State, latest_snapshot, replay, save_snapshot
+from xml_pipeline.state import State, latest_snapshot, save_snapshot
 
 __all__ = ["main"]
 
 DEFAULT_ORGANISM = "organism.yaml"
 DEFAULT_DATA = ".xml-pipeline/events"
+DATA_HELP = f"log directory (default: organism.yaml's, or {DEFAULT_DATA})"
 
 
 class _Style:
@@ -389,13 +390,13 @@ def _parser() -> argparse.ArgumentParser:
     inject.add_argument("--to", help="listener name (omit if PAYLOAD is a full envelope)")
     inject.add_argument("--thread", help="continue this thread")
     inject.add_argument("--idempotency-key", help="the same key returns the original ids")
-    inject.add_argument("--data", help=f"log directory (default: organism.yaml's, or {DEFAULT_DATA})")
+    inject.add_argument("--data", help=DATA_HELP)
     inject.add_argument("--json", action="store_true", help="machine-readable output")
     inject.add_argument("payload", help="XML text, @file, or - for standard input")
     inject.set_defaults(run=lambda a: asyncio.run(_inject(a)))
 
     rep = commands.add_parser("replay", help="rebuild state from the log and summarise it")
-    rep.add_argument("--data", help=f"log directory (default: organism.yaml's, or {DEFAULT_DATA})")
+    rep.add_argument("--data", help=DATA_HELP)
     rep.add_argument("--verify", action="store_true",
                      help="check every checksum and the whole hash chain first")
     rep.add_argument("--no-snapshot", action="store_true", help="replay from position 0")
@@ -404,7 +405,7 @@ def _parser() -> argparse.ArgumentParser:
     rep.set_defaults(run=lambda a: asyncio.run(_replay(a)))
 
     tail = commands.add_parser("tail", help="print the event log (and follow it with -f)")
-    tail.add_argument("--data", help=f"log directory (default: organism.yaml's, or {DEFAULT_DATA})")
+    tail.add_argument("--data", help=DATA_HELP)
     tail.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
     tail.add_argument("--thread", help="only events of this thread")
     tail.add_argument("--agent", help="only events naming this listener")

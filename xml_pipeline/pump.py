@@ -18,7 +18,6 @@ import asyncio
 import logging
 import os
 import socket
-import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from typing import Any
 from lxml import etree
 
 import xml_pipeline
+from xml_pipeline.delivery import Deliverer
 from xml_pipeline.envelope import (
     ENVELOPE_NS,
     build_envelope,
@@ -47,22 +47,18 @@ from xml_pipeline.events import (
     AgentPaused,
     AgentResumed,
     Event,
-    HandlerFailed,
-    HandlerSucceeded,
     MessageAccepted,
     MessageDeadLettered,
-    MessageDelivered,
     MessageDropped,
     MessageRejected,
-    MessageRetried,
     OrganismLoaded,
     OrganismStarted,
     OrganismStopped,
-    ThreadCompleted,
     ThreadKilled,
 )
-from xml_pipeline.handlers import Context, HandlerInfo, Payload, coerce_payload, system_error
+from xml_pipeline.handlers import Payload, coerce_payload, system_error
 from xml_pipeline.ids import IdFactory
+from xml_pipeline.ledger import Ledger
 from xml_pipeline.log import EventLog
 from xml_pipeline.mailbox import Delivery, Mailbox
 from xml_pipeline.organism import RESERVED_SENDERS, Listener, Organism
@@ -106,134 +102,39 @@ class Pump:
                  mailbox_capacity: int, stop_timeout: float) -> None:
         self.organism = organism
         self.log = log
-        self.state = State()
         self._clock = clock
         self._ids = IdFactory(clock=clock)
         self._capacity = mailbox_capacity
         self._stop_timeout = stop_timeout
         self._mailboxes: dict[str, Mailbox] = {}
-        self._unfolded: dict[int, Event] = {}
-        self._in_handler: dict[str, tuple[asyncio.Task[Any], Delivery]] = {}
-        self._killed: set[str] = set()  # message ids cancelled by a thread kill
         self._accepting = 0
-        self._appending = 0
-        self._completing: set[str] = set()  # threads whose ThreadCompleted is on its way
-        self._open: dict[str, int] = {}  # open messages per thread, ahead of the fold
-        self._buffer: list[tuple[list[Event], asyncio.Future[list[int]]]] = []
-        self._flush_scheduled = False
-        self._loop = asyncio.get_running_loop()
         self._pending_keys: dict[str, Accepted] = {}
-        self._fault: BaseException | None = None
+        self._ledger = Ledger(log=log, state=State(), clock=clock)
+        self._commit_soon = self._ledger.commit_soon
+        self._commit = self._ledger.commit
+        self._outcome = self._ledger.outcome
         self._stopping = False
-        self._signal = asyncio.Event()
         self._workers: list[asyncio.Task[None]] = []
-        self._loggers: dict[str, logging.Logger] = {}
+        self._deliverer = Deliverer(ledger=self._ledger, clock=clock, mailboxes=self._mailboxes,
+                                    listeners=lambda: self.organism.listeners, send=self._send)
 
-    # ------------------------------------------------------------ commit = append, then fold
+    # ------------------------------------------------------------ state, through the ledger
 
-    def _commit_soon(self, events: list[Event]) -> asyncio.Future[list[int]]:
-        """Append ``events`` soon, in call order; they are folded into ``state`` once durable.
+    @property
+    def state(self) -> State:
+        return self._ledger.state
 
-        Every commit made in one turn of the event loop shares one append (one write batch,
-        one fold). Returns a future of the events' positions, done after they are folded."""
-        future: asyncio.Future[list[int]] = self._loop.create_future()
-        self._buffer.append((events, future))
-        self._appending += 1
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
-        return future
-
-    async def _commit(self, events: list[Event]) -> list[int]:
-        """Append ``events`` and return once they are durable and folded."""
-        return await asyncio.shield(self._commit_soon(events))
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        batch, self._buffer = self._buffer, []
-        if not batch:
-            return
-        events = [event for part, _ in batch for event in part]
-        try:
-            future = self.log.append_nowait(events)
-        except Exception as exc:  # a closed or failed log: nothing was appended
-            self._failed(batch, exc)
-            return
-        future.add_done_callback(partial(self._fold, batch))
-
-    def _failed(self, batch: list[tuple[list[Event], asyncio.Future[list[int]]]],
-                exc: BaseException) -> None:
-        self._appending -= len(batch)
-        self._fault = exc
-        _log.error("an append failed; its events were not recorded: %s", exc)
-        for _, future in batch:
-            if not future.done():
-                future.set_exception(exc)
-                future.exception()  # retrieved here: fire-and-forget commits log it above
-        self._notify()
-
-    def _fold(self, batch: list[tuple[list[Event], asyncio.Future[list[int]]]],
-              future: asyncio.Future[list[int]]) -> None:
-        if future.cancelled():
-            self._failed(batch, asyncio.CancelledError())
-            return
-        error = future.exception()
-        if error is not None:
-            self._failed(batch, error)
-            return
-        self._appending -= len(batch)
-        positions = future.result()
-        unfolded = self._unfolded
-        for position, event in zip(positions, (e for part, _ in batch for e in part),
-                                   strict=True):
-            unfolded[position] = event
-        state = self.state
-        finished: list[str] = []
-        while (following := state.position + 1) in unfolded:
-            event = unfolded.pop(following)
-            state.apply(following, event)
-            if isinstance(event, _OUTCOMES):
-                message = state.threads.messages.get(event.message_id)
-                if message is not None:
-                    finished.append(message.thread_id)
-            elif isinstance(event, ThreadCompleted):
-                self._completing.discard(event.thread_id)
-        start = 0
-        for part, part_future in batch:
-            if not part_future.done():
-                part_future.set_result(positions[start:start + len(part)])
-            start += len(part)
-        # A thread whose last open message just finished is complete (if the worker did not
-        # already record it with the outcome).
-        for thread_id in finished:
-            thread = state.threads.threads.get(thread_id)
-            if (thread is not None and thread.status == "active" and thread.open_count == 0
-                    and thread_id not in self._completing):
-                self._completing.add(thread_id)
-                self._commit_soon([ThreadCompleted(at=self._clock(), thread_id=thread_id)])
-        self._notify()
-
-    def _outcome(self, thread_id: str, events: list[Event]) -> list[Event]:
-        """``events`` (closing one message of ``thread_id``), plus ``ThreadCompleted`` when that
-        was the thread's last open message, so both share one append."""
-        remaining = self._open.get(thread_id, 0) - 1
-        if remaining > 0:
-            self._open[thread_id] = remaining
-            return events
-        self._open.pop(thread_id, None)
-        if thread_id in self._completing:
-            return events
-        self._completing.add(thread_id)
-        return [*events, ThreadCompleted(at=self._clock(), thread_id=thread_id)]
+    @property
+    def _signal(self) -> asyncio.Event:
+        return self._ledger.signal
 
     def _notify(self) -> None:
-        self._signal.set()
-        self._signal = asyncio.Event()
+        self._ledger.notify()
 
     # ------------------------------------------------------------ start and recovery
 
     async def _start(self) -> None:
-        self.state = await replay(self.log)
+        self._ledger.state = await replay(self.log)
         # After a crash (no OrganismStopped last), any pending message may have been seen.
         self._clean_start = self.state.agents.status in ("new", "stopped")
         now = self._clock()
@@ -251,9 +152,7 @@ class Pump:
                 mailbox.pause()
             self._mailboxes[name] = mailbox
         await self._recover()
-        self._open = {thread_id: thread.open_count
-                      for thread_id, thread in self.state.threads.threads.items()
-                      if thread.open_count > 0}
+        self._ledger.count_open()
 
     async def _recover(self) -> None:
         messages = self.state.threads.messages
@@ -392,8 +291,7 @@ class Pump:
                 raise
             accepted = Accepted(message_id, thread)
             if mailbox is not None:
-                self._open[thread] = self._open.get(thread, 0) + 1
-                self._completing.discard(thread)
+                self._ledger.opened(thread)
             if idempotency_key is not None:
                 self._pending_keys[idempotency_key] = accepted
             delivery = None if mailbox is None else Delivery(
@@ -436,7 +334,8 @@ class Pump:
                     is_reply: bool) -> str | None:
         """A handler's send or reply. Returns the new message id, or None if refused."""
         try:
-            if delivery.message_id in self._killed or self._thread_killed(delivery.thread_id):
+            if (delivery.message_id in self._deliverer.killed
+                    or self._deliverer.thread_killed(delivery.thread_id)):
                 raise ThreadClosedError(f"Thread {delivery.thread_id} was killed; the message "
                                         "was not sent.")
             outbound = is_reply and to in RESERVED_SENDERS
@@ -500,122 +399,6 @@ class Pump:
                 return earlier.message_id
         return None
 
-    def _thread_killed(self, thread_id: str) -> bool:
-        thread = self.state.threads.threads.get(thread_id)
-        return thread is not None and thread.status == "killed"
-
-    # ------------------------------------------------------------ delivery
-
-    async def _worker(self, name: str) -> None:
-        while True:
-            mailbox = self._mailboxes.get(name)
-            if mailbox is None:
-                return
-            delivery = await mailbox.get()
-            try:
-                await self._deliver(name, delivery)
-            finally:
-                mailbox.done(delivery)
-                self._notify()
-
-    async def _deliver(self, name: str, delivery: Delivery) -> None:
-        # Outcome events are appended without waiting: the log keeps their order, the fold
-        # applies them once durable, and a crash before that only means a redelivery.
-        while True:
-            listener = self.organism.listeners.get(name)
-            if listener is None:
-                self._commit_soon(self._outcome(delivery.thread_id, [MessageDeadLettered(
-                    at=self._clock(), message_id=delivery.message_id, listener=name,
-                    reason=f"Listener {name!r} was removed from the organism.")]))
-                return
-            if self._thread_killed(delivery.thread_id):
-                self._commit_soon([MessageDropped(at=self._clock(),
-                                                  message_id=delivery.message_id,
-                                                  thread_id=delivery.thread_id,
-                                                  reason="thread killed")])
-                return
-            delivery.attempts += 1
-            attempt = delivery.attempts
-            self._commit_soon([MessageDelivered(at=self._clock(), message_id=delivery.message_id,
-                                                listener=name, attempt=attempt,
-                                                redelivery=delivery.redelivery)])
-            started = time.perf_counter()
-            error = await self._call(listener, delivery, attempt)
-            if delivery.message_id in self._killed:
-                self._killed.discard(delivery.message_id)
-                self._commit_soon([MessageDropped(at=self._clock(),
-                                                  message_id=delivery.message_id,
-                                                  thread_id=delivery.thread_id,
-                                                  reason="thread killed")])
-                return
-            if error is None:
-                self._commit_soon(self._outcome(delivery.thread_id, [HandlerSucceeded(
-                    at=self._clock(), message_id=delivery.message_id, listener=name,
-                    duration_ms=(time.perf_counter() - started) * 1000)]))
-                return
-            will_retry = attempt <= listener.retries.max
-            events: list[Event] = [HandlerFailed(at=self._clock(), message_id=delivery.message_id,
-                                                 listener=name, attempt=attempt, error=error,
-                                                 will_retry=will_retry)]
-            delay = listener.retries.backoff * (2 ** (attempt - 1))
-            if will_retry:
-                events.append(MessageRetried(at=self._clock(), message_id=delivery.message_id,
-                                             listener=name, attempt=attempt + 1, delay=delay))
-            else:
-                events.append(MessageDeadLettered(at=self._clock(),
-                                                  message_id=delivery.message_id,
-                                                  listener=name, reason=error))
-                events = self._outcome(delivery.thread_id, events)
-            self._commit_soon(events)
-            if not will_retry:
-                return
-            await asyncio.sleep(delay)
-
-    async def _call(self, listener: Listener, delivery: Delivery, attempt: int) -> str | None:
-        """Run the handler once; the error text if it failed, None if it succeeded (or was
-        cancelled by a thread kill, which the caller checks)."""
-        info = HandlerInfo(name=listener.name, peers=listener.peers,
-                           message_id=delivery.message_id, thread=delivery.thread_id,
-                           sender=delivery.sender, parent=delivery.parent_id,
-                           redelivery=delivery.redelivery, attempt=attempt)
-
-        async def send(to: str, data: Payload, is_reply: bool) -> str | None:
-            return await self._send(listener, delivery, to, data, is_reply)
-
-        ctx = Context(info=info, send=send, logger=self._logger(listener.name))
-        delivery.sends = 0
-        handler = listener.handler_fn
-        if handler is None:
-            return f"Listener {listener.name!r} has no handler."
-        task = asyncio.current_task()
-        assert task is not None
-        self._in_handler[delivery.message_id] = (task, delivery)
-        try:
-            async with asyncio.timeout(listener.timeout):
-                await handler(delivery.payload, ctx)
-        except asyncio.CancelledError:
-            if delivery.message_id not in self._killed:
-                raise
-            task.uncancel()
-            return None
-        except TimeoutError:
-            return f"The handler timed out after {listener.timeout:g}s."
-        except (BusyError, LogError):
-            raise
-        except Exception as exc:  # the handler's own failure, recorded with its text
-            return f"{type(exc).__name__}: {exc}"
-        finally:
-            del self._in_handler[delivery.message_id]
-        if delivery.message_id in self._killed and task.cancelling():
-            task.uncancel()
-        return None
-
-    def _logger(self, name: str) -> logging.Logger:
-        logger = self._loggers.get(name)
-        if logger is None:
-            logger = self._loggers[name] = logging.getLogger(f"xml_pipeline.listener.{name}")
-        return logger
-
     # ------------------------------------------------------------ control
 
     async def pause(self, agent: str, *, by: str, reason: str = "") -> str:
@@ -646,16 +429,13 @@ class Pump:
             return True
         await self._commit([ThreadKilled(at=self._clock(), thread_id=thread_id, by=by,
                                          reason=reason)])
-        self._open.pop(thread_id, None)
+        self._ledger.closed(thread_id)
         dropped: list[Event] = []
         for mailbox in self._mailboxes.values():
             for delivery in mailbox.drop_thread(thread_id):
                 dropped.append(MessageDropped(at=self._clock(), message_id=delivery.message_id,
                                               thread_id=thread_id, reason="thread killed"))
-        for message_id, (task, delivery) in list(self._in_handler.items()):
-            if delivery.thread_id == thread_id:
-                self._killed.add(message_id)
-                task.cancel()
+        self._deliverer.cancel_thread(thread_id)
         if dropped:
             await self._commit(dropped)
         return True
@@ -663,7 +443,7 @@ class Pump:
     # ------------------------------------------------------------ waiting and stopping
 
     def _idle(self) -> bool:
-        return (not self._accepting and not self._appending and not self._unfolded
+        return (not self._accepting and self._ledger.idle
                 and all(m.idle for m in self._mailboxes.values()))
 
     async def wait_idle(self) -> None:
@@ -680,23 +460,20 @@ class Pump:
             mailbox.pause()  # not recorded: queued messages stay pending and are redelivered
 
         async def in_flight_done() -> None:
-            while self._in_handler or self._accepting:
+            while self._deliverer.in_handler or self._accepting:
                 await self._signal.wait()
 
         try:
             await asyncio.wait_for(in_flight_done(), self._stop_timeout)
         except TimeoutError:
             _log.warning("stopping: %d handlers still running after %gs; cancelling them",
-                         len(self._in_handler), self._stop_timeout)
+                         len(self._deliverer.in_handler), self._stop_timeout)
         for task in self._workers:
             task.cancel()
         try:
             await self._commit([OrganismStopped(at=self._clock(), reason=reason)])
         except LogError as exc:
             _log.error("could not record OrganismStopped: %s", exc)
-
-
-_OUTCOMES = (HandlerSucceeded, MessageDeadLettered, MessageDropped)
 
 
 def _unwrap(payload: etree._Element) -> etree._Element:
@@ -730,7 +507,7 @@ async def open_pump(organism: Organism, log: EventLog, *, clock: Clock = system_
     async with asyncio.TaskGroup() as group:
         for name, listener in organism.listeners.items():
             for _ in range(listener.concurrency):
-                pump._workers.append(group.create_task(pump._worker(name),
+                pump._workers.append(group.create_task(pump._deliverer.worker(name),
                                                        name=f"worker:{name}"))
         try:
             yield pump

@@ -7,9 +7,10 @@ from delivery events and ``AgentPaused``/``AgentResumed``.
 
 from __future__ import annotations
 
-import msgspec
 from functools import singledispatch
 from typing import Any
+
+import msgspec
 
 from xml_pipeline.events import (
     AgentPaused,

@@ -8,9 +8,10 @@ Budgets count every token ever used (they are never reset); ``usage`` counts sin
 
 from __future__ import annotations
 
-import msgspec
 from functools import singledispatch
 from typing import Any
+
+import msgspec
 
 from xml_pipeline.events import (
     BudgetExhausted,

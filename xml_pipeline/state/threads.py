@@ -10,10 +10,10 @@ Events about messages this projection never saw accepted are ignored, so any seq
 
 from __future__ import annotations
 
-import msgspec
 from functools import singledispatch
 
-from xml_pipeline.organism import RESERVED_SENDERS
+import msgspec
+
 from xml_pipeline.events import (
     BudgetExhausted,
     BudgetRaised,
@@ -29,6 +29,7 @@ from xml_pipeline.events import (
     ThreadCompleted,
     ThreadKilled,
 )
+from xml_pipeline.organism import RESERVED_SENDERS
 
 __all__ = ["FINAL", "MessageInfo", "ThreadInfo", "Threads", "evolve"]
 

@@ -1,0 +1,173 @@
+"""Delivery: the workers that take messages from mailboxes and run handlers.
+
+Each listener has ``concurrency`` workers. A worker records ``MessageDelivered``, runs the
+handler under the listener's timeout, and records the outcome (``HandlerSucceeded``,
+``HandlerFailed`` with ``MessageRetried`` or ``MessageDeadLettered``, or ``MessageDropped`` for
+a killed thread). Outcomes are committed without waiting for the fsync: the log keeps their
+order, and a crash before they are durable only means the message is delivered again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from xml_pipeline.errors import BusyError, LogError
+from xml_pipeline.events import (
+    Event,
+    HandlerFailed,
+    HandlerSucceeded,
+    MessageDeadLettered,
+    MessageDelivered,
+    MessageDropped,
+    MessageRetried,
+)
+from xml_pipeline.handlers import Context, HandlerInfo, Payload
+from xml_pipeline.ledger import Ledger
+from xml_pipeline.mailbox import Delivery, Mailbox
+from xml_pipeline.organism import Listener
+from xml_pipeline.types import Clock
+
+__all__ = ["Deliverer"]
+
+SendFunction = Callable[[Listener, Delivery, str, Payload, bool], Awaitable[str | None]]
+
+
+class Deliverer:
+    def __init__(self, *, ledger: Ledger, clock: Clock, mailboxes: dict[str, Mailbox],
+                 listeners: Callable[[], Mapping[str, Listener]], send: SendFunction) -> None:
+        self._ledger = ledger
+        self._commit_soon = ledger.commit_soon
+        self._outcome = ledger.outcome
+        self._clock = clock
+        self.mailboxes = mailboxes
+        self._listeners = listeners
+        self._send = send
+        self.in_handler: dict[str, tuple[asyncio.Task[Any], Delivery]] = {}
+        self.killed: set[str] = set()  # message ids cancelled by a thread kill
+        self._loggers: dict[str, logging.Logger] = {}
+
+    def thread_killed(self, thread_id: str) -> bool:
+        thread = self._ledger.state.threads.threads.get(thread_id)
+        return thread is not None and thread.status == "killed"
+
+    def cancel_thread(self, thread_id: str) -> None:
+        """Cancel every handler running for ``thread_id`` (its outcome is MessageDropped)."""
+        for message_id, (task, delivery) in list(self.in_handler.items()):
+            if delivery.thread_id == thread_id:
+                self.killed.add(message_id)
+                task.cancel()
+
+    async def worker(self, name: str) -> None:
+        while True:
+            mailbox = self.mailboxes.get(name)
+            if mailbox is None:
+                return
+            delivery = await mailbox.get()
+            try:
+                await self.deliver(name, delivery)
+            finally:
+                mailbox.done(delivery)
+                self._ledger.notify()
+
+    async def deliver(self, name: str, delivery: Delivery) -> None:
+        # Outcome events are appended without waiting: the log keeps their order, the fold
+        # applies them once durable, and a crash before that only means a redelivery.
+        while True:
+            listener = self._listeners().get(name)
+            if listener is None:
+                self._commit_soon(self._outcome(delivery.thread_id, [MessageDeadLettered(
+                    at=self._clock(), message_id=delivery.message_id, listener=name,
+                    reason=f"Listener {name!r} was removed from the organism.")]))
+                return
+            if self.thread_killed(delivery.thread_id):
+                self._commit_soon([MessageDropped(at=self._clock(),
+                                                  message_id=delivery.message_id,
+                                                  thread_id=delivery.thread_id,
+                                                  reason="thread killed")])
+                return
+            delivery.attempts += 1
+            attempt = delivery.attempts
+            self._commit_soon([MessageDelivered(at=self._clock(), message_id=delivery.message_id,
+                                                listener=name, attempt=attempt,
+                                                redelivery=delivery.redelivery)])
+            started = time.perf_counter()
+            error = await self.call(listener, delivery, attempt)
+            if delivery.message_id in self.killed:
+                self.killed.discard(delivery.message_id)
+                self._commit_soon([MessageDropped(at=self._clock(),
+                                                  message_id=delivery.message_id,
+                                                  thread_id=delivery.thread_id,
+                                                  reason="thread killed")])
+                return
+            if error is None:
+                self._commit_soon(self._outcome(delivery.thread_id, [HandlerSucceeded(
+                    at=self._clock(), message_id=delivery.message_id, listener=name,
+                    duration_ms=(time.perf_counter() - started) * 1000)]))
+                return
+            will_retry = attempt <= listener.retries.max
+            events: list[Event] = [HandlerFailed(at=self._clock(), message_id=delivery.message_id,
+                                                 listener=name, attempt=attempt, error=error,
+                                                 will_retry=will_retry)]
+            delay = listener.retries.backoff * (2 ** (attempt - 1))
+            if will_retry:
+                events.append(MessageRetried(at=self._clock(), message_id=delivery.message_id,
+                                             listener=name, attempt=attempt + 1, delay=delay))
+            else:
+                events.append(MessageDeadLettered(at=self._clock(),
+                                                  message_id=delivery.message_id,
+                                                  listener=name, reason=error))
+                events = self._outcome(delivery.thread_id, events)
+            self._commit_soon(events)
+            if not will_retry:
+                return
+            await asyncio.sleep(delay)
+
+    async def call(self, listener: Listener, delivery: Delivery, attempt: int) -> str | None:
+        """Run the handler once; the error text if it failed, None if it succeeded (or was
+        cancelled by a thread kill, which the caller checks)."""
+        info = HandlerInfo(name=listener.name, peers=listener.peers,
+                           message_id=delivery.message_id, thread=delivery.thread_id,
+                           sender=delivery.sender, parent=delivery.parent_id,
+                           redelivery=delivery.redelivery, attempt=attempt)
+
+        async def send(to: str, data: Payload, is_reply: bool) -> str | None:
+            return await self._send(listener, delivery, to, data, is_reply)
+
+        ctx = Context(info=info, send=send, logger=self._logger(listener.name))
+        delivery.sends = 0
+        handler = listener.handler_fn
+        if handler is None:
+            return f"Listener {listener.name!r} has no handler."
+        task = asyncio.current_task()
+        assert task is not None
+        self.in_handler[delivery.message_id] = (task, delivery)
+        try:
+            async with asyncio.timeout(listener.timeout):
+                await handler(delivery.payload, ctx)
+        except asyncio.CancelledError:
+            if delivery.message_id not in self.killed:
+                raise
+            task.uncancel()
+            return None
+        except TimeoutError:
+            return f"The handler timed out after {listener.timeout:g}s."
+        except (BusyError, LogError):
+            raise
+        except Exception as exc:  # the handler's own failure, recorded with its text
+            return f"{type(exc).__name__}: {exc}"
+        finally:
+            del self.in_handler[delivery.message_id]
+        if delivery.message_id in self.killed and task.cancelling():
+            task.uncancel()
+        return None
+
+    def _logger(self, name: str) -> logging.Logger:
+        logger = self._loggers.get(name)
+        if logger is None:
+            logger = self._loggers[name] = logging.getLogger(f"xml_pipeline.listener.{name}")
+        return logger
+

@@ -1,0 +1,167 @@
+"""The ledger: the pump's write-ahead path. Events are appended, then folded.
+
+``commit_soon`` queues events; every commit made in one turn of the event loop shares one
+append (one write batch, one fold callback). Events are folded into ``state`` with the same
+``State.apply`` a replay uses, strictly in log order, only once durable; each commit's future
+is done after its events are folded. The ledger also records ``ThreadCompleted`` when the last
+open message of a thread finishes, in the same append as that outcome when it can tell ahead
+of the fold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from functools import partial
+
+from xml_pipeline.events import (
+    Event,
+    HandlerSucceeded,
+    MessageDeadLettered,
+    MessageDropped,
+    ThreadCompleted,
+)
+from xml_pipeline.log import EventLog
+from xml_pipeline.state import State
+from xml_pipeline.types import Clock
+
+__all__ = ["Ledger"]
+
+_log = logging.getLogger("xml_pipeline.pump")
+_OUTCOMES = (HandlerSucceeded, MessageDeadLettered, MessageDropped)
+_Batch = list[tuple[list[Event], "asyncio.Future[list[int]]"]]
+
+
+class Ledger:
+    def __init__(self, *, log: EventLog, state: State, clock: Clock) -> None:
+        self.log = log
+        self.state = state
+        self._clock = clock
+        self._loop = asyncio.get_running_loop()
+        self._buffer: _Batch = []
+        self._flush_scheduled = False
+        self._unfolded: dict[int, Event] = {}
+        self._completing: set[str] = set()  # threads whose ThreadCompleted is on its way
+        self._open: dict[str, int] = {}  # open messages per thread, ahead of the fold
+        self.appending = 0  # commits not yet folded (or failed)
+        self.fault: BaseException | None = None
+        self.signal = asyncio.Event()
+
+    @property
+    def idle(self) -> bool:
+        return not self.appending and not self._unfolded and not self._buffer
+
+    def count_open(self) -> None:
+        """Start counting open messages per thread from the folded state."""
+        self._open = {thread_id: thread.open_count
+                      for thread_id, thread in self.state.threads.threads.items()
+                      if thread.open_count > 0}
+
+    def opened(self, thread_id: str) -> None:
+        """A message for a listener was accepted into ``thread_id``."""
+        self._open[thread_id] = self._open.get(thread_id, 0) + 1
+        self._completing.discard(thread_id)
+
+    def closed(self, thread_id: str) -> None:
+        """The thread was killed: its messages are no longer counted."""
+        self._open.pop(thread_id, None)
+
+    def commit_soon(self, events: list[Event]) -> asyncio.Future[list[int]]:
+        """Append ``events`` soon, in call order; they are folded into ``state`` once durable.
+
+        Every commit made in one turn of the event loop shares one append (one write batch,
+        one fold). Returns a future of the events' positions, done after they are folded."""
+        future: asyncio.Future[list[int]] = self._loop.create_future()
+        self._buffer.append((events, future))
+        self.appending += 1
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+        return future
+
+    async def commit(self, events: list[Event]) -> list[int]:
+        """Append ``events`` and return once they are durable and folded."""
+        return await asyncio.shield(self.commit_soon(events))
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        batch, self._buffer = self._buffer, []
+        if not batch:
+            return
+        events = [event for part, _ in batch for event in part]
+        try:
+            future = self.log.append_nowait(events)
+        except Exception as exc:  # a closed or failed log: nothing was appended
+            self._failed(batch, exc)
+            return
+        future.add_done_callback(partial(self._fold, batch))
+
+    def _failed(self, batch: list[tuple[list[Event], asyncio.Future[list[int]]]],
+                exc: BaseException) -> None:
+        self.appending -= len(batch)
+        self.fault = exc
+        _log.error("an append failed; its events were not recorded: %s", exc)
+        for _, future in batch:
+            if not future.done():
+                future.set_exception(exc)
+                future.exception()  # retrieved here: fire-and-forget commits log it above
+        self.notify()
+
+    def _fold(self, batch: list[tuple[list[Event], asyncio.Future[list[int]]]],
+              future: asyncio.Future[list[int]]) -> None:
+        if future.cancelled():
+            self._failed(batch, asyncio.CancelledError())
+            return
+        error = future.exception()
+        if error is not None:
+            self._failed(batch, error)
+            return
+        self.appending -= len(batch)
+        positions = future.result()
+        unfolded = self._unfolded
+        for position, event in zip(positions, (e for part, _ in batch for e in part),
+                                   strict=True):
+            unfolded[position] = event
+        state = self.state
+        finished: list[str] = []
+        while (following := state.position + 1) in unfolded:
+            event = unfolded.pop(following)
+            state.apply(following, event)
+            if isinstance(event, _OUTCOMES):
+                message = state.threads.messages.get(event.message_id)
+                if message is not None:
+                    finished.append(message.thread_id)
+            elif isinstance(event, ThreadCompleted):
+                self._completing.discard(event.thread_id)
+        start = 0
+        for part, part_future in batch:
+            if not part_future.done():
+                part_future.set_result(positions[start:start + len(part)])
+            start += len(part)
+        # A thread whose last open message just finished is complete (if the worker did not
+        # already record it with the outcome).
+        for thread_id in finished:
+            thread = state.threads.threads.get(thread_id)
+            if (thread is not None and thread.status == "active" and thread.open_count == 0
+                    and thread_id not in self._completing):
+                self._completing.add(thread_id)
+                self.commit_soon([ThreadCompleted(at=self._clock(), thread_id=thread_id)])
+        self.notify()
+
+    def outcome(self, thread_id: str, events: list[Event]) -> list[Event]:
+        """``events`` (closing one message of ``thread_id``), plus ``ThreadCompleted`` when that
+        was the thread's last open message, so both share one append."""
+        remaining = self._open.get(thread_id, 0) - 1
+        if remaining > 0:
+            self._open[thread_id] = remaining
+            return events
+        self._open.pop(thread_id, None)
+        if thread_id in self._completing:
+            return events
+        self._completing.add(thread_id)
+        return [*events, ThreadCompleted(at=self._clock(), thread_id=thread_id)]
+
+    def notify(self) -> None:
+        self.signal.set()
+        self.signal = asyncio.Event()
+

@@ -48,10 +48,9 @@ __all__ = [
     "encode",
 ]
 
-_event = dataclass(frozen=True, slots=True, kw_only=True)
 
 
-@_event
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Event:
     """Base of every event. ``at`` is when it happened, from the injected clock."""
 
@@ -61,7 +60,7 @@ class Event:
 # ------------------------------------------------------------------ the organism's life
 
 
-@_event
+@dataclass(frozen=True, slots=True, kw_only=True)
 class OrganismStarted(Event):
     name: str
     digest: str
@@ -70,7 +69,7 @@ class OrganismStarted(Event):
     version: str
 
 
-@_event
+@dataclass(frozen=True, slots=True, kw_only=True)
 class OrganismLoaded(Event):
     """The organism in force from here on: its YAML and every listener's settings."""
 
@@ -81,7 +80,7 @@ class OrganismLoaded(Event):
     listeners: dict[str, dict[str, Any]]
 
 
-@_event
+@dataclass(frozen=True, slots=True, kw_only=True)
 class OrganismReloaded(Event):
     name: str
     digest: str
@@ -93,12 +92,12 @@ class OrganismReloaded(Event):
     updated: tuple[str, ...]
 
 
-@_event
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ReloadRejected(Event):
     error: str
 
 
-@_event
+@dataclass(frozen=True, slots=True, kw_only=True)
 class OrganismStopped(Event):
     reason: str
 
@@ -106,7 +105,7 @@ class OrganismStopped(Event):
 # ------------------------------------------------------------------ messages
 
 
-@_event
+@dataclass(frozen=True, slots=True, kw_only=True)
 class MessageAccepted(Event):
     """A valid envelope, now durable; ``envelope`` is its exact text as delivered."""
 
@@ -120,7 +119,7 @@ class MessageAccepted(Event):
     idempotency_key: str | None = None
 
 
-@_event
+@dataclass(frozen=True, slots=True, kw_only=True)
 class MessageRejected(Event):
     """Input the bus refused, with the (capped) raw text and the reason."""
 
@@ -133,7 +132,7 @@ class MessageRejected(Event):
     parent_id: str | None = None
 
 
-@_event
+@dataclass(frozen=True, slots=True, kw_only=True)
 class MessageDelivered(Event):
     message_id: str
     listener: str
@@ -141,14 +140,14 @@ class MessageDelivered(Event):
     redelivery: bool = False
 
 
-@_event
+@dataclass(frozen=True, slots=True, kw_only=True)
 class HandlerSucceeded(Event):
     message_id: str
     listener: str
     duration_ms: float
 
 
-@_event
+@dataclass(frozen=True, slots=True, kw_only=True)
 class HandlerFailed(Event):
     message_id: str
     listener: str
@@ -157,7 +156,7 @@ class HandlerFailed(Event):
     will_retry: bool
 
 
-@_event
+@dataclass(frozen=True, slots=True, kw_only=True)
 class MessageRetried(Event):
     """A failed or dead-lettered message is scheduled again (``by`` an operator, or the policy)."""
 
@@ -168,14 +167,14 @@ class MessageRetried(Event):
     by: str | None = None
 
 
-@_event
+@dataclass(frozen=True, slots=True, kw_only=True)
 class MessageDeadLettered(Event):
     message_id: str
     listener: str
     reason: str
 
 
-@_event
+@dataclass(frozen=True, slots=True, kw_only=True)
 class MessageDropped(Event):
     """An accepted message that will not be delivered (its thread was killed, for instance)."""
 
@@ -187,27 +186,27 @@ class MessageDropped(Event):
 # ------------------------------------------------------------------ agents and threads
 
 
-@_event
+@dataclass(frozen=True, slots=True, kw_only=True)
 class AgentPaused(Event):
     agent: str
     by: str
     reason: str = ""
 
 
-@_event
+@dataclass(frozen=True, slots=True, kw_only=True)
 class AgentResumed(Event):
     agent: str
     by: str
 
 
-@_event
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ThreadKilled(Event):
     thread_id: str
     by: str
     reason: str = ""
 
 
-@_event
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ThreadCompleted(Event):
     thread_id: str
 
@@ -215,7 +214,7 @@ class ThreadCompleted(Event):
 # ------------------------------------------------------------------ tokens and budgets
 
 
-@_event
+@dataclass(frozen=True, slots=True, kw_only=True)
 class TokensReserved(Event):
     reservation_id: str
     thread_id: str
@@ -224,7 +223,7 @@ class TokensReserved(Event):
     tokens: int
 
 
-@_event
+@dataclass(frozen=True, slots=True, kw_only=True)
 class TokensUsed(Event):
     thread_id: str
     agent: str
@@ -239,7 +238,7 @@ class TokensUsed(Event):
     message_id: str | None = None
 
 
-@_event
+@dataclass(frozen=True, slots=True, kw_only=True)
 class BudgetExhausted(Event):
     """A call was not made because it would exceed the budget of ``scope`` (``key``)."""
 
@@ -252,7 +251,7 @@ class BudgetExhausted(Event):
     requested: int
 
 
-@_event
+@dataclass(frozen=True, slots=True, kw_only=True)
 class BudgetRaised(Event):
     scope: str
     key: str
@@ -260,7 +259,7 @@ class BudgetRaised(Event):
     by: str
 
 
-@_event
+@dataclass(frozen=True, slots=True, kw_only=True)
 class UsageReset(Event):
     by: str
 
@@ -321,7 +320,7 @@ def decode(type_name: bytes | str, version: int, data: bytes) -> Event:
         )
     try:
         if version == current:
-            return _decoders[name].decode(data)  # type: ignore[no-any-return]
+            return _decoders[name].decode(data)
         if version > current or version < 1:
             raise RecordDecodeError(
                 f"{name} version {version} is not known (this build reads up to version "
@@ -335,7 +334,7 @@ def decode(type_name: bytes | str, version: int, data: bytes) -> Event:
                     f"No upcaster from {name} version {step} to {step + 1}."
                 )
             raw = upcaster(raw)
-        return msgspec.convert(raw, CATALOGUE[name])  # type: ignore[no-any-return]
+        return msgspec.convert(raw, CATALOGUE[name])
     except msgspec.ValidationError as exc:
         raise RecordDecodeError(f"{name} data does not fit the event: {exc}.") from exc
     except msgspec.DecodeError as exc:

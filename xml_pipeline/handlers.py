@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 from lxml import etree
 
@@ -36,7 +36,7 @@ __all__ = [
 SYSTEM_NS = "urn:xml-pipeline:system:v1"
 _SYSTEM_ERROR = f"{{{SYSTEM_NS}}}SystemError"
 
-Payload = etree._Element | str | bytes | Mapping[str, Any]
+Payload: TypeAlias = etree._Element | str | bytes | Mapping[str, Any]
 SendFunction = Callable[[str, Payload, bool], Awaitable[str | None]]
 
 
@@ -76,7 +76,7 @@ def coerce_payload(payload: Payload, schema: PayloadSchema, *, limits: XmlLimits
             ) from exc
         if isinstance(element, tuple):  # (element, errors) in lax mode
             element = element[0]
-        return element  # type: ignore[no-any-return]
+        return element
     raise PayloadError(
         f"A payload must be an lxml element, XML text or a dict, not {type(payload).__name__}."
     )

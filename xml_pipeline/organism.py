@@ -348,7 +348,7 @@ def _import_handler(doc: _Doc, ref: str, path: tuple[Any, ...], root: Path
         doc.problem(path, f"handler {ref!r} must be an 'async def' function taking "
                           "(payload, ctx).")
         return None
-    return fn  # type: ignore[no-any-return]
+    return fn
 
 
 def _listener(doc: _Doc, raw: Any, index: int, root: Path, file_dir: Path) -> Listener | None:

@@ -258,8 +258,8 @@ class Pump:
             if validate:
                 listener.schema.validate(payload)
         if thread_id is not None:
-            thread = threads.threads.get(thread_id)
-            if thread is not None and thread.status == "killed":
+            known = threads.threads.get(thread_id)
+            if known is not None and known.status == "killed":
                 raise ThreadClosedError(
                     f"Thread {thread_id} was killed; it accepts no new messages. Start a new "
                     "thread instead (leave thread_id out).")

@@ -78,13 +78,13 @@ def _load(state: Agents, at: float, name: str, digest: str, budgets: dict[str, i
         if agent_name not in listeners:
             info.status = "removed"
     for agent_name, config in listeners.items():
-        info = state.agents.get(agent_name)
-        if info is None:
+        known = state.agents.get(agent_name)
+        if known is None:
             state.agents[agent_name] = AgentInfo(name=agent_name, config=dict(config))
         else:
-            info.config = dict(config)
-            if info.status == "removed":
-                info.status = "running"
+            known.config = dict(config)
+            if known.status == "removed":
+                known.status = "running"
 
 
 @evolve.register

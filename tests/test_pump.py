@@ -117,9 +117,13 @@ async def test_three_hops_keep_one_thread_and_a_causal_tree(pump: Pump, log: Fil
     assert [(s["n"], s["namespace"]) for s in handlers.seen] == [("7", None)] * 3
     thread = pump.state.threads.threads[accepted.thread_id]
     assert (thread.status, thread.message_count, thread.open_count) == ("completed", 3, 0)
-    messages = pump.state.threads.messages
-    assert [(messages[i].sender, messages[i].to, messages[i].parent_id) for i in ids] == [
-        ("api", "first", None), ("first", "second", ids[0]), ("second", "third", ids[1])]
+    # The ended thread keeps its history as log positions; the log holds the causal tree.
+    assert pump.state.threads.messages == {}
+    records = {r.position: r.event async for r in log.read()}
+    tree = [records[p] for p in thread.positions]
+    assert [(m.message_id, m.sender, m.to, m.parent_id) for m in tree] == [
+        (ids[0], "api", "first", None), (ids[1], "first", "second", ids[0]),
+        (ids[2], "second", "third", ids[1])]
     await assert_live_equals_replay(pump, log)
 
 

@@ -247,8 +247,8 @@ class Pump:
         threads = self.state.threads
         if idempotency_key is not None:
             if idempotency_key in threads.idempotency:
-                first = threads.messages[threads.idempotency[idempotency_key]]
-                return Accepted(first.message_id, first.thread_id, duplicate=True)
+                message_id, thread_of = threads.idempotency[idempotency_key]
+                return Accepted(message_id, thread_of, duplicate=True)
             if idempotency_key in self._pending_keys:
                 pending = self._pending_keys[idempotency_key]
                 return Accepted(pending.message_id, pending.thread_id, duplicate=True)
@@ -390,12 +390,12 @@ class Pump:
             ids = thread.messages if thread is not None else []
             delivery.prior_sends = [
                 m for m in ids
-                if threads.messages[m].parent_id == delivery.message_id
-                and threads.messages[m].sender == listener.name
+                if (info := threads.messages.get(m)) is not None
+                and info.parent_id == delivery.message_id and info.sender == listener.name
             ]
         if index < len(delivery.prior_sends):
-            earlier = self.state.threads.messages[delivery.prior_sends[index]]
-            if earlier.to == to:
+            earlier = self.state.threads.messages.get(delivery.prior_sends[index])
+            if earlier is not None and earlier.to == to:
                 return earlier.message_id
         return None
 

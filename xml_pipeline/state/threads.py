@@ -63,15 +63,18 @@ class ThreadInfo(msgspec.Struct, kw_only=True, array_like=True, gc=False):
     dead_count: int = 0
     rejected_count: int = 0
     participants: list[str] = msgspec.field(default_factory=list)
-    messages: list[str] = msgspec.field(default_factory=list)  # ids, in acceptance order
+    #: ids of the messages still held in ``Threads.messages`` (cleared once the thread ends)
+    messages: list[str] = msgspec.field(default_factory=list)
+    #: log position of every message accepted into the thread, in order (the history)
+    positions: list[int] = msgspec.field(default_factory=list)
     killed_by: str | None = None
 
 
 class Threads(msgspec.Struct, kw_only=True):
     threads: dict[str, ThreadInfo] = msgspec.field(default_factory=dict)
     messages: dict[str, MessageInfo] = msgspec.field(default_factory=dict)
-    #: idempotency key -> message id of the first message accepted with it
-    idempotency: dict[str, str] = msgspec.field(default_factory=dict)
+    #: idempotency key -> (message id, thread id) of the first message accepted with it
+    idempotency: dict[str, tuple[str, str]] = msgspec.field(default_factory=dict)
     #: message id -> reason, for messages currently dead-lettered
     dead_letters: dict[str, str] = msgspec.field(default_factory=dict)
     rejected: int = 0
@@ -89,12 +92,30 @@ def _touch(state: Threads, thread_id: str, at: float) -> ThreadInfo | None:
     return thread
 
 
+def _forget_finished(state: Threads, thread: ThreadInfo) -> None:
+    """Keep memory (and snapshots) proportional to live work: a thread that has ended keeps
+    its summary and the log positions of its messages; the per-message records go, except
+    dead letters, which stay until retried."""
+    kept = []
+    for message_id in thread.messages:
+        message = state.messages.get(message_id)
+        if message is None:
+            continue
+        if message.status in FINAL and message.status != "dead":
+            del state.messages[message_id]
+        else:
+            kept.append(message_id)
+    thread.messages = kept
+
+
 def _close(state: Threads, message: MessageInfo, status: str, at: float) -> None:
     was_open = message.status not in FINAL
     message.status = status
     thread = _touch(state, message.thread_id, at)
     if thread is not None and was_open:
         thread.open_count -= 1
+        if thread.status == "killed" and thread.open_count == 0:
+            _forget_finished(state, thread)
 
 
 @evolve.register
@@ -109,6 +130,7 @@ def _(event: MessageAccepted, state: Threads, position: int) -> Threads:
     thread.updated_at = event.at
     thread.message_count += 1
     thread.messages.append(event.message_id)
+    thread.positions.append(position)
     outbound = event.to in RESERVED_SENDERS
     if not outbound:
         thread.open_count += 1
@@ -123,7 +145,8 @@ def _(event: MessageAccepted, state: Threads, position: int) -> Threads:
         accepted_at=event.at, position=position, status="outbound" if outbound else "pending",
     )
     if event.idempotency_key is not None:
-        state.idempotency.setdefault(event.idempotency_key, event.message_id)
+        state.idempotency.setdefault(event.idempotency_key,
+                                     (event.message_id, event.thread_id))
     return state
 
 
@@ -213,6 +236,8 @@ def _(event: ThreadKilled, state: Threads, position: int) -> Threads:
     if thread is not None:
         thread.status = "killed"
         thread.killed_by = event.by
+        if thread.open_count == 0:
+            _forget_finished(state, thread)
     return state
 
 
@@ -221,6 +246,7 @@ def _(event: ThreadCompleted, state: Threads, position: int) -> Threads:
     thread = _touch(state, event.thread_id, event.at)
     if thread is not None and thread.status == "active" and thread.open_count == 0:
         thread.status = "failed" if thread.dead_count else "completed"
+        _forget_finished(state, thread)
     return state
 
 

@@ -13,6 +13,7 @@ import pytest
 from tests import handlers
 from tests.conftest import write_organism
 from xml_pipeline.errors import (
+    EnvelopeError,
     MailboxFullError,
     PayloadError,
     ThreadClosedError,
@@ -309,3 +310,18 @@ async def test_restart_redelivers_unfinished_messages(organism_path: Path, tmp_p
         assert third[0]["redelivery"] is False
         await assert_live_equals_replay(pump, log)
     await log.aclose()
+
+
+async def test_a_malformed_thread_id_is_refused_without_using_a_slot(pump: Pump, log: FileLog
+                                                                    ) -> None:
+    for _ in range(300):  # more than the mailbox holds
+        with pytest.raises(EnvelopeError) as info:
+            await pump.inject(item(1), to="third", thread_id="my thread")
+    assert info.value.message == (
+        "The thread id 'my thread' is not valid: use 1 to 128 letters, digits, '_', '.', ':' "
+        "or '-', or leave it out to start a new thread.")
+    assert pump.mailbox("third").statistics().queued == 0
+    accepted = await pump.inject(item(2), to="third", thread_id="my-thread")
+    assert accepted.thread_id == "my-thread"
+    await pump.wait_idle()
+    assert [r.reason for r in await events_of(log, MessageRejected)] == ["invalid_envelope"] * 300

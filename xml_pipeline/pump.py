@@ -32,11 +32,13 @@ from xml_pipeline.envelope import (
     ENVELOPE_NS,
     build_envelope,
     format_timestamp,
+    is_valid_id,
     parse_envelope,
     serialize_payload,
 )
 from xml_pipeline.errors import (
     BusyError,
+    EnvelopeError,
     LogError,
     ThreadClosedError,
     UndeclaredPeerError,
@@ -258,6 +260,10 @@ class Pump:
             if validate:
                 listener.schema.validate(payload)
         if thread_id is not None:
+            if not is_valid_id(thread_id):
+                raise EnvelopeError(
+                    f"The thread id {thread_id[:80]!r} is not valid: use 1 to 128 letters, "
+                    "digits, '_', '.', ':' or '-', or leave it out to start a new thread.")
             known = threads.threads.get(thread_id)
             if known is not None and known.status == "killed":
                 raise ThreadClosedError(
@@ -271,19 +277,18 @@ class Pump:
                     await mailbox.reserve()
                 else:
                     mailbox.reserve_nowait()
-            message_id = self._ids.new()
-            thread = thread_id or self._ids.new()
-            now = self._clock()
-            body = serialize_payload(payload)
-            envelope = build_envelope(id=message_id, sender=sender, to=to, thread=thread,
-                                      parent=parent_id, sent=format_timestamp(now),
-                                      payload=body)
-            event = MessageAccepted(at=now, message_id=message_id, thread_id=thread,
-                                    parent_id=parent_id, sender=sender, to=to,
-                                    payload_type=etree.QName(payload).localname,
-                                    envelope=envelope.decode("utf-8"),
-                                    idempotency_key=idempotency_key)
             try:
+                message_id = self._ids.new()
+                thread = thread_id or self._ids.new()
+                now = self._clock()
+                envelope = build_envelope(id=message_id, sender=sender, to=to, thread=thread,
+                                          parent=parent_id, sent=format_timestamp(now),
+                                          payload=serialize_payload(payload))
+                event = MessageAccepted(at=now, message_id=message_id, thread_id=thread,
+                                        parent_id=parent_id, sender=sender, to=to,
+                                        payload_type=etree.QName(payload).localname,
+                                        envelope=envelope.decode("utf-8"),
+                                        idempotency_key=idempotency_key)
                 future = self._commit_soon([event])
             except BaseException:
                 if mailbox is not None:

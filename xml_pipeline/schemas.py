@@ -9,6 +9,7 @@ its features matter and speed does not (dict conversion, describing a schema).
 from __future__ import annotations
 
 import hashlib
+from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 from lxml import etree
 
 from xml_pipeline.errors import PayloadError, SchemaError
-from xml_pipeline.xmlsafe import describe_syntax_error
+from xml_pipeline.xmlsafe import describe_syntax_error, readable_path
 
 __all__ = ["PayloadSchema", "load_schema", "qname_text"]
 
@@ -46,25 +47,30 @@ class PayloadSchema:
         return qname_text(self.namespace, self.root)
 
     def validate(self, element: etree._Element) -> None:
-        """Raise ``PayloadError`` (naming XPath and line) unless ``element`` is valid."""
+        """Return if ``element`` is valid; else raise ``PayloadError`` whose ``where`` is an
+        XPath of local names from the payload element (``/Greeting/name``)."""
         if element.tag != self.tag:
+            # Name the namespaces only when they are what differs.
+            show = _describe if etree.QName(element).namespace != self.namespace else _angled
             raise PayloadError(
-                f"The payload is <{_pretty(element.tag)}> but {self.path.name} accepts "
-                f"<{_pretty(self.tag)}>; send a <{self.root}> element"
-                + (f" in namespace {self.namespace!r}." if self.namespace else " with no namespace."),
-                where="/" + _pretty(str(element.tag)),
+                f"The payload is {show(element.tag)} but {self.path.name} accepts "
+                f"{show(self.tag)}; send a <{self.root}> element "
+                + (f"in namespace {self.namespace!r}." if self.namespace else "with no namespace."),
+                where="/" + _pretty(element.tag),
             )
         if self.compiled.validate(element):
             return
         errors = self.compiled.error_log
         first = errors[0] if len(errors) else None
         if first is None:  # pragma: no cover - lxml always logs a reason
-            raise PayloadError(f"The payload does not match {self.path.name}.")
-        path = first.path or None
-        where = path or f"{first.line}:{first.column}"
+            raise PayloadError(f"The payload does not match {self.path.name}.", where="/"
+                               + _pretty(element.tag))
+        where = _payload_path(element, first.path, first.line) or f"{first.line}:{first.column}"
+        message = first.message.strip()
+        if not message.endswith("."):
+            message += "."
         raise PayloadError(
-            f"The payload does not match {self.path.name}: {first.message} (at {where}).",
-            where=where,
+            f"The payload does not match {self.path.name} at {where}: {message}", where=where
         )
 
     def xmlschema(self) -> Any:
@@ -79,6 +85,41 @@ class PayloadSchema:
 def _pretty(tag: object) -> str:
     text = str(tag)
     return text.split("}", 1)[1] if text.startswith("{") else text
+
+
+def _angled(tag: object) -> str:
+    return f"<{_pretty(tag)}>"
+
+
+def _describe(tag: object) -> str:
+    text = str(tag)
+    if text.startswith("{"):
+        namespace, local = text[1:].split("}", 1)
+        return f"<{local}> in namespace {namespace!r}"
+    return f"<{text}> with no namespace"
+
+
+def _payload_path(element: etree._Element, path: str | None, line: int) -> str | None:
+    """The XPath of local names, from the payload element down, of the node that ``path``
+    (libxml2's path, relative to ``element`` as the root, with the document's own prefixes)
+    names on ``line``; ``path`` itself when it cannot be resolved."""
+    if not path:
+        return None
+    # lxml validated ``element`` as if it were a document root: resolve the path the same way.
+    copy = deepcopy(element)
+    prefixes = {prefix: uri for node in copy.iter(tag=etree.Element)
+                for prefix, uri in node.nsmap.items() if prefix}
+    try:
+        found = copy.getroottree().xpath(path, namespaces=prefixes)
+    except etree.XPathError:
+        return path
+    if not isinstance(found, list):
+        return path
+    nodes = [node for node in found if isinstance(node, etree._Element)]
+    # libxml2 leaves out the position when siblings of one name use different prefixes.
+    on_line = [node for node in nodes if node.sourceline == line]
+    target = (on_line or nodes or [None])[0]
+    return readable_path(target) if target is not None else path
 
 
 def _schema_parser() -> etree.XMLParser:
@@ -99,8 +140,11 @@ def load_schema(path: Path) -> PayloadSchema:
         doc = etree.fromstring(data, _schema_parser(), base_url=str(path.resolve()))
     except etree.XMLSyntaxError as exc:
         msg, where = describe_syntax_error(exc)
-        raise SchemaError(f"The schema is not well-formed XML: {msg}.", file=name,
-                          line=exc.lineno) from exc
+        at = f" (at {where})" if where else ""
+        raise SchemaError(
+            f"The schema is not well-formed XML: {msg}{at}; point 'payload' at an XSD file.",
+            file=name, line=exc.lineno,
+        ) from exc
     if doc.tag != f"{{{XS}}}schema":
         raise SchemaError(
             f"The root element is <{_pretty(doc.tag)}>, not <xs:schema>; point 'payload' at an "
@@ -112,18 +156,30 @@ def load_schema(path: Path) -> PayloadSchema:
         compiled = etree.XMLSchema(doc)
     except etree.XMLSchemaParseError as exc:
         entry = exc.error_log[0] if len(exc.error_log) else None
-        reason = entry.message if entry is not None else str(exc)
+        reason = (entry.message if entry is not None else str(exc)).strip().rstrip(".")
         line = entry.line if entry is not None else None
-        raise SchemaError(f"The schema does not compile: {reason}.", file=name, line=line) from exc
-    elements = [el for el in doc.findall(f"{{{XS}}}element") if el.get("name")]
-    if len(elements) != 1:
-        names = ", ".join(f"<{el.get('name')}>" for el in elements) or "none"
+        where = name
+        if entry is not None and entry.filename and Path(entry.filename) != path.resolve():
+            # The error is in a file this schema includes or imports.
+            where = entry.filename
+        raise SchemaError(f"The schema does not compile: {reason}.", file=where,
+                          line=line) from exc
+    elements = [el for el in doc.iterchildren(f"{{{XS}}}element") if el.get("name")]
+    if not elements:
         raise SchemaError(
-            f"A payload schema declares exactly one global element (the payload type); this one "
-            f"declares {len(elements)} ({names}). Move the others into complexTypes or local "
-            "elements.",
+            "A payload schema declares exactly one global element (the payload type); this one "
+            "declares none. Add a top-level <xs:element name=...> for the payload.",
             file=name,
             line=doc.sourceline,
+        )
+    if len(elements) > 1:
+        names = ", ".join(f"<{el.get('name')}>" for el in elements)
+        raise SchemaError(
+            f"A payload schema declares exactly one global element (the payload type); this one "
+            f"declares {len(elements)} ({names}). Keep the payload element and move the others "
+            "into named complexTypes or local elements.",
+            file=name,
+            line=elements[1].sourceline,
         )
     namespace = doc.get("targetNamespace") or None
     return PayloadSchema(

@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from lxml import etree
@@ -62,9 +63,10 @@ from xml_pipeline.handlers import Payload, coerce_payload, system_error
 from xml_pipeline.ids import IdFactory
 from xml_pipeline.ledger import Ledger
 from xml_pipeline.log import EventLog
+from xml_pipeline.log.file import FileLog
 from xml_pipeline.mailbox import Delivery, Mailbox
 from xml_pipeline.organism import RESERVED_SENDERS, Listener, Organism
-from xml_pipeline.state import State, replay
+from xml_pipeline.state import State, latest_snapshot, replay, save_snapshot
 from xml_pipeline.state.threads import FINAL
 from xml_pipeline.types import Clock, system_clock
 
@@ -135,8 +137,13 @@ class Pump:
 
     # ------------------------------------------------------------ start and recovery
 
+    def _snapshots(self) -> Path | None:
+        return self.log.directory if isinstance(self.log, FileLog) else None
+
     async def _start(self) -> None:
-        self._ledger.state = await replay(self.log)
+        folder = self._snapshots()
+        snapshot = None if folder is None else await asyncio.to_thread(latest_snapshot, folder)
+        self._ledger.state = await replay(self.log, state=snapshot)
         # After a crash (no OrganismStopped last), any pending message may have been seen.
         self._clean_start = self.state.agents.status in ("new", "stopped")
         now = self._clock()
@@ -479,6 +486,15 @@ class Pump:
             await self._commit([OrganismStopped(at=self._clock(), reason=reason)])
         except LogError as exc:
             _log.error("could not record OrganismStopped: %s", exc)
+            return
+        folder = self._snapshots()
+        if folder is not None:
+            # A snapshot makes the next start fast; it is an optimisation only. Taken here, in
+            # the loop, so that nothing changes the state while it is written.
+            try:
+                save_snapshot(folder, self.state)
+            except OSError as exc:
+                _log.warning("could not save a snapshot in %s: %s", folder, exc)
 
 
 def _unwrap(payload: etree._Element) -> etree._Element:

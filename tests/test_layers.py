@@ -18,7 +18,7 @@ LAYERS = [
     {"events"},
     {"log"},
     {"state"},
-    {"mailbox", "handlers", "ledger", "delivery", "llm", "pump", "reload", "control"},
+    {"mailbox", "handlers", "ledger", "router", "delivery", "llm", "pump", "reload", "control"},
     {"api", "cli", "__main__", "__init__"},
 ]
 

@@ -57,6 +57,7 @@ _BY_NAME: dict[str, st.SearchStrategy[typing.Any]] = {
     "budgets": BUDGETS,
     "listeners": LISTENERS,
     "added": st.tuples(NAMES), "removed": st.tuples(), "updated": st.tuples(NAMES),
+    "changes": st.dictionaries(NAMES, st.lists(st.sampled_from(["payload", "peers"]))),
     "cost": st.floats(min_value=0, max_value=10, allow_nan=False),
     "latency_ms": st.floats(min_value=0, max_value=1e5, allow_nan=False),
     "duration_ms": st.floats(min_value=0, max_value=1e5, allow_nan=False),

@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from xml_pipeline.errors import BusyError, LogError
+from xml_pipeline.errors import BusyError, LogError, PayloadError
 from xml_pipeline.events import (
     Event,
     HandlerFailed,
@@ -38,7 +38,8 @@ SendFunction = Callable[[Listener, Delivery, str, Payload, bool], Awaitable[str 
 
 class Deliverer:
     def __init__(self, *, ledger: Ledger, clock: Clock, mailboxes: dict[str, Mailbox],
-                 listeners: Callable[[], Mapping[str, Listener]], send: SendFunction) -> None:
+                 listeners: Callable[[], Mapping[str, Listener]], send: SendFunction,
+                 killed: set[str]) -> None:
         self._ledger = ledger
         self._commit_soon = ledger.commit_soon
         self._outcome = ledger.outcome
@@ -47,7 +48,7 @@ class Deliverer:
         self._listeners = listeners
         self._send = send
         self.in_handler: dict[str, tuple[asyncio.Task[Any], Delivery]] = {}
-        self.killed: set[str] = set()  # message ids cancelled by a thread kill
+        self.killed = killed  # message ids cancelled by a thread kill (shared with routing)
         self._loggers: dict[str, logging.Logger] = {}
 
     def thread_killed(self, thread_id: str) -> bool:
@@ -61,12 +62,21 @@ class Deliverer:
                 self.killed.add(message_id)
                 task.cancel()
 
-    async def worker(self, name: str) -> None:
+    async def worker(self, name: str, index: int) -> None:
+        """Worker ``index`` of listener ``name``; it retires when the listener is removed or
+        its concurrency drops to ``index`` or below."""
+
+        def retire() -> bool:
+            listener = self._listeners().get(name)
+            return listener is None or index >= listener.concurrency
+
         while True:
             mailbox = self.mailboxes.get(name)
             if mailbox is None:
                 return
-            delivery = await mailbox.get()
+            delivery = await mailbox.get(retire=retire)
+            if delivery is None:
+                return
             try:
                 await self.deliver(name, delivery)
             finally:
@@ -89,6 +99,17 @@ class Deliverer:
                                                   thread_id=delivery.thread_id,
                                                   reason="thread killed")])
                 return
+            if delivery.schema_digest != listener.schema.digest and delivery.sender != "system":
+                # The listener's schema changed (a reload) since this message was accepted.
+                try:
+                    listener.schema.validate(delivery.payload)
+                except PayloadError as exc:
+                    self._commit_soon(self._outcome(delivery.thread_id, [MessageDeadLettered(
+                        at=self._clock(), message_id=delivery.message_id, listener=name,
+                        reason=f"The message no longer fits {name}'s new schema: "
+                               f"{exc.message}")]))
+                    return
+                delivery.schema_digest = listener.schema.digest
             delivery.attempts += 1
             attempt = delivery.attempts
             self._commit_soon([MessageDelivered(at=self._clock(), message_id=delivery.message_id,

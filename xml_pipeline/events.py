@@ -10,7 +10,7 @@ never a silent skip.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, TypeAlias
 
 import msgspec
@@ -90,6 +90,8 @@ class OrganismReloaded(Event):
     added: tuple[str, ...]
     removed: tuple[str, ...]
     updated: tuple[str, ...]
+    #: listener -> the settings that changed ("payload", "peers", "handler_code", ...)
+    changes: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

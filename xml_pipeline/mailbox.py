@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from lxml import etree
@@ -34,6 +35,7 @@ class Delivery:
     redelivery: bool = False
     attempts: int = 0  # deliveries so far
     system_depth: int = 0  # SystemErrors in a row that led to this message
+    schema_digest: str | None = None  # the target's schema when accepted (None: unknown)
     sends: int = 0  # messages sent by the current handler call
     prior_sends: list[str] | None = None  # what earlier calls sent (filled on redelivery)
 
@@ -103,9 +105,12 @@ class Mailbox:
                 return delivery
         return None
 
-    async def get(self) -> Delivery:
-        """The next deliverable message; marks its thread busy until ``done``."""
+    async def get(self, *, retire: Callable[[], bool] | None = None) -> Delivery | None:
+        """The next deliverable message; marks its thread busy until ``done``. Returns None
+        as soon as ``retire()`` is true (checked whenever the mailbox changes)."""
         while True:
+            if retire is not None and retire():
+                return None
             delivery = self._next()
             if delivery is not None:
                 self._busy_threads[delivery.thread_id] = 1
@@ -122,6 +127,10 @@ class Mailbox:
         self._notify()
 
     # -- control
+
+    def wake(self) -> None:
+        """Make every waiting worker look again (for instance at its ``retire`` condition)."""
+        self._notify()
 
     def pause(self) -> None:
         self._paused = True

@@ -20,7 +20,7 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import MappingProxyType
+from types import MappingProxyType, ModuleType
 from typing import Any
 
 import yaml
@@ -318,6 +318,37 @@ def _log(doc: _Doc, value: Any, root: Path) -> LogConfig:
     return LogConfig(path=log_path, url=url, fsync=fsync, segment_bytes=segment or 0)
 
 
+#: module name -> digest of its source file when it was (re)imported by a load
+_module_digests: dict[str, str] = {}
+
+
+def _file_digest(module: ModuleType) -> str | None:
+    source = getattr(module, "__file__", None)
+    if not source:
+        return None
+    try:
+        return hashlib.sha256(Path(source).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def _import_fresh(name: str) -> ModuleType:
+    """Import a handler module; if it was imported before and its file changed since, reload
+    it, so that a reload of organism.yaml picks up edited handler code. Only the named module
+    is reloaded, not modules it imports."""
+    module = sys.modules.get(name)
+    if module is None:
+        module = importlib.import_module(name)
+    else:
+        digest = _file_digest(module)
+        if digest is not None and _module_digests.get(name) not in (None, digest):
+            module = importlib.reload(module)
+    digest = _file_digest(module)
+    if digest is not None:
+        _module_digests[name] = digest
+    return module
+
+
 def _import_handler(doc: _Doc, ref: str, path: tuple[Any, ...], root: Path
                     ) -> Callable[..., Any] | None:
     module_name, _, attr = ref.partition(":")
@@ -329,7 +360,7 @@ def _import_handler(doc: _Doc, ref: str, path: tuple[Any, ...], root: Path
     if folder not in sys.path:
         sys.path.insert(0, folder)
     try:
-        module = importlib.import_module(module_name)
+        module = _import_fresh(module_name)
     except ModuleNotFoundError as exc:
         doc.problem(path, f"handler {ref!r}: cannot import module '{module_name}' ({exc}); "
                           f"module paths are relative to {folder}.")

@@ -18,8 +18,10 @@ from xml_pipeline.events import (
     Event,
     HandlerFailed,
     HandlerSucceeded,
+    MessageAccepted,
     MessageDeadLettered,
     MessageDelivered,
+    MessageRejected,
     OrganismLoaded,
     OrganismReloaded,
     OrganismStarted,
@@ -36,6 +38,8 @@ class AgentInfo(msgspec.Struct, kw_only=True):
     status: str = "running"  # running | paused | removed
     paused_by: str | None = None
     paused_at: float | None = None
+    accepted: int = 0  # messages accepted for this listener
+    rejected: int = 0  # messages refused on their way to it
     delivered: int = 0
     succeeded: int = 0
     failed: int = 0
@@ -130,6 +134,22 @@ def _(event: AgentResumed, state: Agents, position: int) -> Agents:
         info.status = "running"
         info.paused_by = None
         info.paused_at = None
+    return state
+
+
+@evolve.register
+def _(event: MessageAccepted, state: Agents, position: int) -> Agents:
+    info = state.agents.get(event.to)
+    if info is not None:
+        info.accepted += 1
+    return state
+
+
+@evolve.register
+def _(event: MessageRejected, state: Agents, position: int) -> Agents:
+    info = state.agents.get(event.to) if event.to is not None else None
+    if info is not None:
+        info.rejected += 1
     return state
 
 

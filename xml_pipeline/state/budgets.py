@@ -53,10 +53,20 @@ class UsageTotals(msgspec.Struct, kw_only=True, array_like=True, gc=False):
 class Gauge(msgspec.Struct, kw_only=True, array_like=True, gc=False):
     """Used and reserved tokens against a limit (``None``: no limit)."""
 
-    used: int = 0
+    used: int = 0  # prompt + completion tokens, all time
     reserved: int = 0
     limit: int | None = None
     exhausted: bool = False
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def remaining(self) -> int | None:
+        return None if self.limit is None else max(self.limit - self.used - self.reserved, 0)
+
+    @property
+    def percent_used(self) -> float:
+        return 0.0 if not self.limit else round(100.0 * self.used / self.limit, 2)
 
 
 class Reservation(msgspec.Struct, kw_only=True):
@@ -139,6 +149,8 @@ def _(event: TokensUsed, state: Budgets, position: int) -> Budgets:
     agent = state.agent_gauge(event.agent)
     for gauge in (thread, agent, state.organism):
         gauge.used += tokens
+        gauge.prompt_tokens += event.input_tokens
+        gauge.completion_tokens += event.output_tokens
     if held is not None:
         for gauge in (state.thread_gauge(held.thread_id), state.agent_gauge(held.agent),
                       state.organism):

@@ -78,6 +78,7 @@ class Threads(msgspec.Struct, kw_only=True):
     #: message id -> reason, for messages currently dead-lettered
     dead_letters: dict[str, str] = msgspec.field(default_factory=dict)
     rejected: int = 0
+    accepted: int = 0
 
 
 @singledispatch
@@ -122,6 +123,7 @@ def _close(state: Threads, message: MessageInfo, status: str, at: float) -> None
 def _(event: MessageAccepted, state: Threads, position: int) -> Threads:
     if event.message_id in state.messages:
         return state
+    state.accepted += 1
     thread = state.threads.get(event.thread_id)
     if thread is None:
         thread = ThreadInfo(thread_id=event.thread_id, created_at=event.at, updated_at=event.at,

@@ -8,7 +8,11 @@ Guarantees:
 - One writer per directory (an exclusive ``flock``); any number of readers, in this process or
   others, may ``read``/``follow`` at the same time.
 - On open for writing, a torn record at the tail is detected and cut off; damage followed by
-  good records is never cut: it raises ``LogCorruptedError`` naming the position.
+  good records is never cut: it raises ``LogCorruptedError`` naming the position (and the
+  directory is left exactly as it was). Only the last segment is checked on open; damage in
+  an earlier one is found by ``verify_log`` and by any read that reaches it.
+- A read-only log (another process tailing this one) sees records once they are written,
+  which may be before the writer's fsync completes.
 - If a write or fsync fails, the records of that batch and every batch behind it fail with
   ``LogWriteError``; nothing is acknowledged that is not durable. The next append tries again
   from the last durable record.
@@ -81,6 +85,7 @@ class _Writer:
         self.failure: BaseException | None = None
         self._on_durable = on_durable
         self._fd: int | None = None
+        self._dirty = False  # a failed write may have left bytes past ``size``
         self._queue: list[_Batch] = []
         self._cond = threading.Condition()
         self._stopping = False
@@ -129,13 +134,22 @@ class _Writer:
             os.close(self._fd)
             self._fd = None
         if self.segment is None or self.size >= self.segment_bytes:
-            self.segment = self.directory / segment_name(first_position)
-            self.size = 0
-            self._fd = os.open(self.segment, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            if self.fsync != "never":
-                _fsync_directory(self.directory)
+            path, size, created = self.directory / segment_name(first_position), 0, True
         else:
-            self._fd = os.open(self.segment, os.O_WRONLY | os.O_APPEND)
+            path, size, created = self.segment, self.size, False
+        # O_CREAT even when reopening: a failed rotation may have left no file behind.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            if self._dirty or created:
+                # Anything past the last durable record is left over from a failed write.
+                os.ftruncate(fd, size)
+            if created and self.fsync != "never":
+                _fsync_directory(self.directory)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd, self.segment, self.size = fd, path, size
+        self._dirty = False
 
     def _commit(self, batches: list[_Batch]) -> None:
         if self.failure is not None:
@@ -153,13 +167,16 @@ class _Writer:
             if self.fsync != "never":
                 os.fdatasync(self._fd)
                 self.fsyncs += 1
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001 - every waiter must hear about it
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             self.failure = LogWriteError(
-                f"The event log could not be written ({exc.strerror or exc}); nothing in this "
+                f"The event log could not be written ({reason}); nothing in this "
                 "batch was acknowledged. Free space or fix the disk, then retry."
             )
             self.failure.__cause__ = exc
-            # Cut whatever part of the batch reached the file, so the tail stays clean.
+            # Cut whatever part of the batch reached the file, so the tail stays clean; if
+            # that fails too, the next attempt cuts it before writing.
+            self._dirty = True
             if self._fd is not None:
                 with suppress(OSError):
                     os.ftruncate(self._fd, self.size)
@@ -238,7 +255,10 @@ class FileLog:
             first, path = listing[-1]
             result = scan_segment(path, expect_first=first)
             if result.problem is not None:
-                if result.problem != "torn" and has_good_frame_after(path, result.end):
+                # Only bytes that hold no well-formed frame may be cut: not a frame whose
+                # length runs past the end while good frames follow (a damaged length), nor
+                # a whole frame with a valid checksum at the wrong position.
+                if has_good_frame_after(path, result.end - 1):
                     raise LogCorruptedError(
                         f"The log at {self.directory} is damaged at position "
                         f"{result.last_position + 1 if result.count else first} "
@@ -272,7 +292,11 @@ class FileLog:
                 self._durable = result.last_position or listing[-1][0] - 1
             return
         self._lock()
-        segment, size, last, digest = await asyncio.to_thread(self._recover_tail)
+        try:
+            segment, size, last, digest = await asyncio.to_thread(self._recover_tail)
+        except BaseException:
+            self._unlock()
+            raise
         self._next_position = last + 1
         self._previous_hash = digest
         self._durable = last
@@ -281,6 +305,11 @@ class FileLog:
             loop=asyncio.get_running_loop(), segment=segment, size=size,
             durable_position=last, durable_hash=digest, on_durable=self._on_durable,
         )
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     # -- the contract
 
@@ -341,11 +370,17 @@ class FileLog:
             self._changed.set()
             self._changed = asyncio.Event()
 
+    def _seen(self, position: int) -> None:
+        # A read-only log learns of new records by reading them.
+        if self.readonly and position > self._durable:
+            self._durable = position
+
     async def read(self, after: int = 0) -> AsyncIterator[Recorded]:
         reader = LogReader(self.directory, after=after)
         limit = None if self.readonly else self._durable
         count = 0
         for record in reader.read_available(limit=limit):
+            self._seen(record.position)
             yield record
             count += 1
             if count % 4096 == 0:
@@ -358,13 +393,17 @@ class FileLog:
             limit = None if self.readonly else self._durable
             count = 0
             for record in reader.read_available(limit=limit):
+                self._seen(record.position)
                 yield record
                 count += 1
                 if count % 4096 == 0:
                     await asyncio.sleep(0)
             if self._closed:
                 return
-            if self.readonly or reader.next_position > self._durable:
+            # Wait unless this pass made progress and durable records remain: another
+            # process's appends are only seen by polling, and a pass that found nothing
+            # must never spin without yielding to the loop.
+            if self.readonly or count == 0 or reader.next_position > self._durable:
                 with suppress(TimeoutError):
                     await asyncio.wait_for(changed.wait(), _POLL_INTERVAL)
 
@@ -386,9 +425,7 @@ class FileLog:
         if self._writer is not None:
             await asyncio.to_thread(self._writer.stop)
             self._writer = None
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        self._unlock()
         self._changed.set()
 
     async def __aenter__(self) -> FileLog:

@@ -1,4 +1,9 @@
-"""An in-memory ``EventLog`` for tests: same contract, no durability."""
+"""An in-memory ``EventLog`` for tests: same contract, no durability.
+
+Events go through the same mapper as the durable logs (``encode`` then ``decode``), so what a
+test reads back is what it would read from a file, and an event outside the catalogue is
+refused here too.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 
 from xml_pipeline.errors import LogClosedError
-from xml_pipeline.events import Event, Recorded
+from xml_pipeline.events import Event, Recorded, decode, encode
 from xml_pipeline.log.statistics import LogStatistics
 
 __all__ = ["MemoryLog"]
@@ -30,13 +35,19 @@ class MemoryLog:
     def append_nowait(self, events: Sequence[Event]) -> asyncio.Future[list[int]]:
         if self._closed:
             raise LogClosedError("The log is closed; open it again to append.")
+        future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        if not events:
+            future.set_result([])
+            return future
+        # Keep what a durable log would give back: the decoded stored form. Encoding first
+        # also refuses, as every backend does, an event outside the catalogue.
+        stored = [decode(*encode(event)) for event in events]
         start = len(self._records) + 1
-        positions = list(range(start, start + len(events)))
-        self._records.extend(Recorded(p, e) for p, e in zip(positions, events, strict=True))
+        positions = list(range(start, start + len(stored)))
+        self._records.extend(Recorded(p, e) for p, e in zip(positions, stored, strict=True))
         self._batches += 1
         self._largest = max(self._largest, len(events))
         self._notify()
-        future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
         future.set_result(positions)
         return future
 

@@ -150,19 +150,23 @@ def scan_segment(path: Path, *, expect_first: int | None = None) -> ScanResult:
     return ScanResult(offset, last_position, last_hash, count, None)
 
 
+def _good_frame_in(buf: bytes | memoryview, start: int, size: int) -> bool:
+    """True if a well-formed frame starts anywhere in ``buf[start:size]``."""
+    data = buf if isinstance(buf, bytes) else bytes(buf[:size])
+    while True:
+        found = data.find(MAGIC, start, size)
+        if found < 0:
+            return False
+        if not isinstance(_frame_at(data, found, size), str):
+            return True
+        start = found + 1
+
+
 def has_good_frame_after(path: Path, offset: int) -> bool:
     """True if a well-formed frame starts anywhere after ``offset`` (so the damage is not a torn
     tail but corruption in the middle)."""
     buf = path.read_bytes()
-    size = len(buf)
-    start = offset + 1
-    while True:
-        found = buf.find(MAGIC, start)
-        if found < 0:
-            return False
-        if not isinstance(_frame_at(buf, found, size), str):
-            return True
-        start = found + 1
+    return _good_frame_in(buf, offset + 1, len(buf))
 
 
 class LogReader:
@@ -170,74 +174,98 @@ class LogReader:
 
     ``read_available()`` yields every record after the cursor that is complete on disk now,
     then stops; call it again later to continue. An incomplete frame at the very end is
-    treated as not written yet; damage followed by more data raises ``LogCorruptedError``.
+    treated as not written yet; damage followed by more data (including a frame whose length
+    runs past the end while a good frame follows it) raises ``LogCorruptedError``.
     """
 
     def __init__(self, directory: Path, *, after: int = 0) -> None:
         self.directory = directory
-        self.next_position = after + 1
+        self.next_position = max(after, 0) + 1
         self._segment: Path | None = None
-        self._segment_first = 0
-        self._offset = 0
-        self._pending = b""
+        self._offset = 0  # just past the last complete frame read in ``_segment``
+        self._following: tuple[int, Path] | None = None  # the segment after ``_segment``
 
     def _choose_segment(self) -> bool:
-        listing = segments(self.directory)
+        """Move to the last segment that can hold ``next_position``; False if there is none.
+
+        Choosing again after each pass (rather than looking only for a segment that starts
+        exactly at ``next_position``) lets a cursor that starts beyond the end of the log
+        skip whole segments written while it waited.
+        """
         chosen = None
-        for first, path in listing:
+        self._following = None
+        for first, path in segments(self.directory):
             if first <= self.next_position:
                 chosen = (first, path)
             else:
+                self._following = (first, path)
                 break
         if chosen is None:
             return False
-        if self._segment is not None and chosen[1] == self._segment:
-            return True
-        self._segment_first, self._segment = chosen
-        self._offset = 0
-        self._pending = b""
+        if chosen[1] != self._segment:
+            self._segment = chosen[1]
+            self._offset = 0
         return True
-
-    def _next_segment(self) -> bool:
-        for first, path in segments(self.directory):
-            if first == self.next_position and path != self._segment:
-                self._segment, self._segment_first = path, first
-                self._offset = 0
-                self._pending = b""
-                return True
-        return False
 
     def read_available(self, *, limit: int | None = None) -> Iterator[Recorded]:
         """Yield the complete records after the cursor (up to position ``limit``, if given)."""
-        if self._segment is None and not self._choose_segment():
+        if not self._choose_segment():
             return
+        reread = False
         while True:
-            progressed = False
-            for record in self._read_segment(limit):
-                progressed = True
-                yield record
+            segment, before = self._segment, self.next_position
+            yield from self._read_segment(limit)
             if limit is not None and self.next_position > limit:
                 return
-            if not self._next_segment():
+            if self._choose_segment() and self._segment != segment:
+                reread = False
+                continue
+            following = self._following
+            if following is None:
                 return
-            if not progressed and self._segment is None:
-                return
+            # A later segment exists, so this one was complete before it was created: read it
+            # once more (it may have been finished since the pass above), then any record
+            # still missing is a gap.
+            if self.next_position != before or not reread:
+                reread = True
+                continue
+            assert self._segment is not None
+            raise LogCorruptedError(
+                f"The log is damaged: {self._segment.name} ends before position "
+                f"{self.next_position}, but the next segment {following[1].name} starts at "
+                f"{following[0]}; run 'xml-pipeline replay --verify' for details.",
+                position=self.next_position,
+            )
+
+    def _damaged(self, problem: str) -> LogCorruptedError:
+        assert self._segment is not None
+        return LogCorruptedError(
+            f"The log is damaged at position {self.next_position} ({self._segment.name}: "
+            f"{problem}); run 'xml-pipeline replay --verify' for details.",
+            position=self.next_position,
+        )
 
     def _read_segment(self, limit: int | None) -> Iterator[Recorded]:
         assert self._segment is not None
+        segment = self._segment
         try:
-            handle = open(self._segment, "rb")  # noqa: SIM115 - closed below
+            handle = open(segment, "rb")  # noqa: SIM115 - closed below
         except FileNotFoundError:
             return
         with handle:
-            handle.seek(self._offset + len(self._pending))
+            # Always start again from the end of the last complete frame: bytes of an
+            # incomplete frame seen last time may since have been cut by a repair.
+            handle.seek(self._offset)
+            pending = b""
             while True:
                 chunk = handle.read(_CHUNK)
                 if not chunk:
+                    if pending and _good_frame_in(pending, 1, len(pending)):
+                        raise self._damaged("a frame runs past the end of the file, and good "
+                                            "frames follow it")
                     return
-                buf = self._pending + chunk if self._pending else chunk
+                buf = pending + chunk if pending else chunk
                 base = self._offset
-                self._pending = b""
                 size = len(buf)
                 view = memoryview(buf)
                 offset = 0
@@ -250,31 +278,25 @@ class LogReader:
                     if head[6] >= next_position or head[0] != MAGIC or end > size:
                         break
                     offset = end
+                    self._offset = base + offset
                 while offset < size:
                     frame = _frame_at(view, offset, size)
                     if isinstance(frame, str):
-                        if frame != "torn" and has_good_frame_after(self._segment, base + offset):
-                            raise LogCorruptedError(
-                                f"The log is damaged at position {next_position} "
-                                f"({self._segment.name}: {frame}); run "
-                                "'xml-pipeline replay --verify' for details.",
-                                position=next_position,
-                            )
+                        if frame != "torn" and has_good_frame_after(segment, base + offset):
+                            raise self._damaged(frame)
                         # An incomplete (or torn) tail: not written yet, as far as we can tell.
                         break
                     end, type_len, version, position, _, _ = frame
                     if position < next_position:
                         offset = end
+                        self._offset = base + offset
                         continue
                     if limit is not None and position > limit:
-                        self._offset = base + offset
-                        self._pending = b""
-                        self.next_position = next_position
                         return
                     if position != next_position:
                         raise LogCorruptedError(
                             f"The log is damaged: position {position} follows "
-                            f"{next_position - 1} in {self._segment.name}.",
+                            f"{next_position - 1} in {segment.name}.",
                             position=next_position,
                         )
                     start = offset + HEADER_SIZE
@@ -285,8 +307,7 @@ class LogReader:
                     self.next_position = next_position
                     self._offset = base + offset
                     yield Recorded(position, event)
-                self._pending = bytes(view[offset:]) if offset < size else b""
-                self._offset = base + offset
+                pending = bytes(view[offset:]) if offset < size else b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,7 +341,8 @@ def verify_log(directory: Path) -> VerifyResult:
             frame = _frame_at(view, offset, size)
             if isinstance(frame, str):
                 last_segment = index == len(listing) - 1
-                if frame == "torn" and last_segment:
+                if (frame == "torn" and last_segment
+                        and not _good_frame_in(buf, offset + 1, size)):
                     return VerifyResult(records, expected - 1, None, None, size - offset)
                 reason = "incomplete frame" if frame == "torn" else frame
                 return VerifyResult(records, expected - 1, expected,

@@ -35,6 +35,7 @@ from xml_pipeline.log.segments import (
     LogReader,
     has_good_frame_after,
     make_frame,
+    last_position_in,
     scan_segment,
     segment_name,
     segments,
@@ -229,6 +230,7 @@ class FileLog:
         self._appended = 0
         self._changed = asyncio.Event()
         self._closed = False
+        self._hints: dict[int, tuple[str, int]] = {}
 
     # -- opening
 
@@ -288,8 +290,8 @@ class FileLog:
                 raise LogCorruptedError(f"There is no log at {self.directory}.", position=0)
             self._durable = 0
             if listing:
-                result = scan_segment(listing[-1][1], expect_first=listing[-1][0])
-                self._durable = result.last_position or listing[-1][0] - 1
+                last = last_position_in(listing[-1][1])
+                self._durable = last or listing[-1][0] - 1
             return
         self._lock()
         try:
@@ -311,6 +313,12 @@ class FileLog:
             os.close(self._lock_fd)
             self._lock_fd = None
 
+    def seek_hint(self, position: int, segment: str, offset: int) -> None:
+        """Remember that the record at ``position`` starts at ``segment``:``offset`` (a snapshot
+        knows this), so that ``read(after=position)`` need not scan the segment from its start.
+        A wrong hint is harmless: the reader checks every frame it reads."""
+        self._hints[position] = (segment, offset)
+
     # -- the contract
 
     @property
@@ -318,8 +326,9 @@ class FileLog:
         return self._durable
 
     async def append(self, events: Sequence[Event]) -> list[int]:
-        # Shielded: a caller that stops waiting does not un-write the records.
-        return await asyncio.shield(self.append_nowait(events))
+        # No shield: a caller that stops waiting cancels only its own wait; the records are
+        # written anyway (the writer skips futures that are already done).
+        return await self.append_nowait(events)
 
     def append_nowait(self, events: Sequence[Event]) -> asyncio.Future[list[int]]:
         """Give the records their positions now and a future that resolves once they are
@@ -376,7 +385,7 @@ class FileLog:
             self._durable = position
 
     async def read(self, after: int = 0) -> AsyncIterator[Recorded]:
-        reader = LogReader(self.directory, after=after)
+        reader = LogReader(self.directory, after=after, start=self._hints.get(after))
         limit = None if self.readonly else self._durable
         count = 0
         for record in reader.read_available(limit=limit):
@@ -387,7 +396,7 @@ class FileLog:
                 await asyncio.sleep(0)  # let the loop breathe during long replays
 
     async def follow(self, after: int = 0) -> AsyncIterator[Recorded]:
-        reader = LogReader(self.directory, after=after)
+        reader = LogReader(self.directory, after=after, start=self._hints.get(after))
         while True:
             changed = self._changed
             limit = None if self.readonly else self._durable

@@ -127,6 +127,24 @@ def _frame_at(buf: bytes | memoryview, offset: int, size: int
     return end, type_len, version, position, at, digest
 
 
+def last_position_in(path: Path) -> int:
+    """The position of the last complete frame of a segment, from headers only (no checksum):
+    a cheap look for read-only openers; readers still check every frame they read."""
+    with open(path, "rb") as handle:
+        buf = handle.read()
+    size = len(buf)
+    offset = 0
+    last = 0
+    unpack = HEADER.unpack_from
+    while size - offset >= HEADER_SIZE:
+        head = unpack(buf, offset)
+        end = offset + HEADER_SIZE + head[2] + head[5]
+        if head[0] != MAGIC or end > size:
+            break
+        last, offset = head[6], end
+    return last
+
+
 def scan_segment(path: Path, *, expect_first: int | None = None) -> ScanResult:
     """Check every frame of a segment (CRC and consecutive positions) up to the first problem."""
     buf = path.read_bytes()
@@ -178,9 +196,13 @@ class LogReader:
     runs past the end while a good frame follows it) raises ``LogCorruptedError``.
     """
 
-    def __init__(self, directory: Path, *, after: int = 0) -> None:
+    def __init__(self, directory: Path, *, after: int = 0,
+                 start: tuple[str, int] | None = None) -> None:
         self.directory = directory
         self.next_position = max(after, 0) + 1
+        # (segment name, offset) where the record at ``after`` starts, if the caller knows it
+        # (a snapshot does): reading then starts there instead of at the segment's start.
+        self._start = start
         self._segment: Path | None = None
         self._offset = 0  # just past the last complete frame read in ``_segment``
         self._following: tuple[int, Path] | None = None  # the segment after ``_segment``
@@ -205,6 +227,9 @@ class LogReader:
         if chosen[1] != self._segment:
             self._segment = chosen[1]
             self._offset = 0
+            if self._start is not None and self._start[0] == chosen[1].name:
+                self._offset = self._start[1]
+            self._start = None
         return True
 
     def read_available(self, *, limit: int | None = None) -> Iterator[Recorded]:

@@ -11,9 +11,11 @@ chain hash, and is ignored unless the log still holds that very record.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
-from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +80,8 @@ class State(msgspec.Struct, kw_only=True):
 
     @classmethod
     def decode(cls, data: bytes) -> State:
-        return msgspec.json.decode(data, type=cls)
+        with _no_gc():
+            return msgspec.json.decode(data, type=cls)
 
     def digest(self) -> str:
         """A fingerprint of the whole state (equal states have equal digests)."""
@@ -134,8 +137,11 @@ def save_snapshot(log_directory: Path, state: State, *, keep: int = 2) -> Path |
     return path
 
 
-def latest_snapshot(log_directory: Path, *, upto: int | None = None) -> State | None:
-    """The newest snapshot that still matches the log (and is not past ``upto``), or None."""
+def latest_snapshot(log_directory: Path, *, upto: int | None = None,
+                    log: object | None = None) -> State | None:
+    """The newest snapshot that still matches the log (and is not past ``upto``), or None.
+    Given the open ``log`` (a file log), it also tells it where the snapshot's record is, so
+    that replaying the rest starts there."""
     folder = log_directory / _SNAPSHOT_DIR
     if not folder.is_dir():
         return None
@@ -154,6 +160,9 @@ def latest_snapshot(log_directory: Path, *, upto: int | None = None) -> State | 
         except (OSError, msgspec.DecodeError, msgspec.ValidationError):
             continue
         if state.position == snapshot.position:
+            hint = getattr(log, "seek_hint", None)
+            if hint is not None:
+                hint(snapshot.position, snapshot.segment, snapshot.offset)
             return state
     return None
 
@@ -162,6 +171,20 @@ async def replay(log: EventLog, *, state: State | None = None) -> State:
     """Fold every record of ``log`` after ``state.position`` into ``state``."""
     result = state if state is not None else State()
     apply = result.apply
-    async for record in log.read(after=result.position):
-        apply(record.position, record.event)
+    with _no_gc():
+        async for record in log.read(after=result.position):
+            apply(record.position, record.event)
     return result
+
+
+@contextmanager
+def _no_gc() -> Iterator[None]:
+    """Pause the cyclic garbage collector while building many acyclic objects (a replay, a
+    snapshot decode): it would otherwise walk them again and again, for nothing."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()

@@ -11,15 +11,15 @@ PACKAGE = Path(xml_pipeline.__file__).parent
 
 # Lower layers first. A module may import modules of its own or an earlier layer.
 LAYERS = [
-    {"errors", "types"},
+    {"errors", "types", "histogram"},
     {"ids", "xmlsafe"},
     {"schemas", "envelope"},
     {"organism"},
     {"events"},
     {"log"},
     {"state"},
-    {"mailbox", "handlers", "ledger", "router", "delivery", "llm", "pump", "reload", "control"},
-    {"api", "cli", "__main__", "__init__"},
+    {"mailbox", "handlers", "ledger", "router", "delivery", "llm", "pump", "reload"},
+    {"api", "client", "cli", "__main__", "__init__"},
 ]
 
 

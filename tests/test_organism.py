@@ -200,7 +200,7 @@ def test_handler_that_does_not_exist(organism_dir: Path) -> None:
 def test_runs_from_any_working_directory(organism_dir: Path, tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     mod = _module()
-    path = write_organism(organism_dir, f"""
+    write_organism(organism_dir, f"""
         organism: {{name: o, log: {{path: data/events}}}}
         listeners:
           - name: a

@@ -3,14 +3,22 @@ and .ci/run runs exactly the README's test command."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from tests.conftest import ROOT
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def _fenced_after(marker: str) -> str:
@@ -42,15 +50,19 @@ def test_demo_command_runs_the_demo_conversation(tmp_path: Path) -> None:
         else:
             shutil.copy(source, tmp_path / name)
     cli = [sys.executable, "-m", "xml_pipeline"]
-    process = subprocess.Popen([*cli, "run", "organism.yaml"], cwd=tmp_path,
+    # The demo's own port may be taken on a developer's machine: the environment overrides
+    # organism.yaml for both the server and the client (precedence: flag > env > yaml).
+    env = {**os.environ, "XML_PIPELINE_PORT": str(_free_port())}
+    process = subprocess.Popen([*cli, "run", "organism.yaml"], cwd=tmp_path, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert process.stdout is not None
-        lines = [process.stdout.readline() for _ in range(2)]
-        assert "organism 'hello-world' running" in lines[0], lines
+        for line in process.stdout:
+            if "Uvicorn running on" in line or "Application startup complete" in line:
+                break
         injected = subprocess.run(
             [*cli, "inject", "--to", "greeter", "<Greeting><name>Alice</name></Greeting>"],
-            cwd=tmp_path, capture_output=True, text=True, timeout=30)
+            cwd=tmp_path, capture_output=True, text=True, timeout=30, env=env)
         assert injected.returncode == 0, injected.stderr
         assert injected.stdout.startswith("accepted message ")
         thread = injected.stdout.split()[-1]
@@ -59,7 +71,7 @@ def test_demo_command_runs_the_demo_conversation(tmp_path: Path) -> None:
                 assert thread in line
                 break
         tail = subprocess.run([*cli, "tail", "--thread", thread, "--json"], cwd=tmp_path,
-                              capture_output=True, text=True, timeout=30)
+                              capture_output=True, text=True, timeout=30, env=env)
         assert tail.returncode == 0, tail.stderr
         assert tail.stdout.count('"type": "MessageAccepted"') == 3
     finally:

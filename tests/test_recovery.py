@@ -10,12 +10,14 @@ import asyncio
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
+
 from tests.conftest import write_organism
-from xml_pipeline.control import control_path, request
 from xml_pipeline.events import HandlerSucceeded, MessageAccepted
 from xml_pipeline.log.file import open_file_log
 from xml_pipeline.log.segments import verify_log
@@ -56,20 +58,36 @@ listeners:
 """
 
 
-def start(path: Path) -> subprocess.Popen[bytes]:
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start(path: Path, port: int) -> subprocess.Popen[bytes]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "xml_pipeline", "run", str(path)],
+        [sys.executable, "-m", "xml_pipeline", "run", str(path), "--port", str(port),
+         "--no-access-log"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=path.parent,
     )
     assert process.stdout is not None
-    line = process.stdout.readline()  # "organism 'crash' running: ..." once serving
-    assert b"running" in line, line + process.stdout.read()
-    while b"inject with" not in line:
-        line = process.stdout.readline()
-    return process
+    seen = b""
+    for line in process.stdout:  # serving once uvicorn says so
+        seen += line
+        if b"Uvicorn running on" in line:
+            return process
+    raise AssertionError(f"the organism did not start:\n{seen.decode()}")
 
 
-async def inject_until_killed(data: Path, process: subprocess.Popen[bytes], rounds: int,
+async def request(base: str, message: dict[str, str]) -> dict[str, str]:
+    async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+        response = await http.post("/api/v1/inject", json=message)
+        answer: dict[str, str] = response.json()
+        answer["ok"] = response.status_code == 202  # type: ignore[assignment]
+        return answer
+
+
+async def inject_until_killed(base: str, process: subprocess.Popen[bytes], rounds: int,
                               rng: random.Random) -> dict[str, tuple[str, str]]:
     """Eight clients inject steadily; once a random number of injections were acknowledged,
     SIGKILL the process while the others are in flight. Returns acked id -> (n, thread)."""
@@ -82,9 +100,9 @@ async def inject_until_killed(data: Path, process: subprocess.Popen[bytes], roun
         while not killed.is_set():
             n = f"{rounds}-{next(counter)}"
             try:
-                answer = await request(data, {"op": "inject", "to": "hop1",
+                answer = await request(base, {"to": "hop1",
                                               "payload": f"<Item><n>{n}</n></Item>"})
-            except (ConnectionError, OSError):
+            except (httpx.TransportError, ValueError):
                 return
             if answer.get("ok"):
                 acked[answer["message_id"]] = (n, answer["thread_id"])
@@ -103,19 +121,22 @@ async def test_sigkill_mid_traffic_loses_nothing_acknowledged(tmp_path: Path) ->
     data = tmp_path / "org" / "events"
     rng = random.Random(1234)
     acked: dict[str, tuple[str, str]] = {}
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
     for rounds in range(4):
-        process = start(path)
+        process = start(path, port)
         try:
-            acked.update(await inject_until_killed(data, process, rounds, rng))
+            acked.update(await inject_until_killed(base, process, rounds, rng))
         finally:
             if process.poll() is None:
                 process.kill()
                 process.wait()
     assert acked, "no injection was acknowledged before the kills"
-    process = start(path)
+    process = start(path, port)
     try:
-        status = await request(data, {"op": "status"})  # answers once idle
-        assert status["ok"]
+        async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+            status = (await http.get("/api/v1/organism/state")).json()  # answers once idle
+        assert status["idle"] is True
         assert verify_log(data).ok
         log = await open_file_log(data, readonly=True)
         accepted = {}
@@ -145,4 +166,3 @@ async def test_sigkill_mid_traffic_loses_nothing_acknowledged(tmp_path: Path) ->
         process.send_signal(signal.SIGTERM)
         out = process.communicate(timeout=30)[0]
     assert process.returncode == 0, out
-    assert not control_path(data).exists()

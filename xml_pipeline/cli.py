@@ -288,10 +288,9 @@ async def _tail(args: argparse.Namespace) -> int:
 
 async def _run(args: argparse.Namespace) -> int:
     import logging
-    import signal
 
-    from xml_pipeline.control import serve_control
-    from xml_pipeline.pump import open_pump
+    from xml_pipeline.api.auth import TOKEN_ENV
+    from xml_pipeline.api.server import UnsafeBindError, serve
 
     try:
         organism = load_organism(args.organism)
@@ -304,27 +303,24 @@ async def _run(args: argparse.Namespace) -> int:
         print("This organism logs to NATS, which arrives in a later version; give --data DIR.",
               file=sys.stderr)
         return 1
+    # Precedence: command-line flag > environment > organism.yaml > default.
+    host = args.host or os.environ.get("XML_PIPELINE_HOST") or organism.api.host
+    port = args.port if args.port is not None else int(
+        os.environ.get("XML_PIPELINE_PORT", organism.api.port))
+    first = next(iter(organism.listeners.values()))
+    print(f"organism {organism.name!r}: {len(organism.listeners)} listeners, log {data}, "
+          f"API http://{host}:{port}/api/v1", flush=True)
+    print(f"inject with: xml-pipeline inject --to {first.name} "
+          f"'<{first.schema.root}>...</{first.schema.root}>'", flush=True)
     try:
-        log = await open_file_log(data, fsync=organism.log.fsync,
-                                  segment_bytes=organism.log.segment_bytes)
+        await serve(organism, host=host, port=port, data=data,
+                    token=os.environ.get(TOKEN_ENV) or None, access_log=not args.no_access_log)
+    except UnsafeBindError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
     except LogError as exc:
         print(exc.message, file=sys.stderr)
         return 1
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        async with open_pump(organism, log) as pump, serve_control(pump, data):
-            print(f"organism {organism.name!r} running: {len(organism.listeners)} listeners, "
-                  f"log {data} at position {pump.state.position}", flush=True)
-            first = next(iter(organism.listeners.values()))
-            print(f"inject with: xml-pipeline inject --data {data} --to {first.name} "
-                  f"'<{first.schema.root}>...</{first.schema.root}>'", flush=True)
-            await stop.wait()
-            print("stopping: letting handlers finish", flush=True)
-    finally:
-        await log.aclose()
     print("stopped", flush=True)
     return 0
 
@@ -337,33 +333,71 @@ def _read_payload(text: str) -> str:
     return text
 
 
-async def _inject(args: argparse.Namespace) -> int:
-    from xml_pipeline.control import request
+def _url(args: argparse.Namespace) -> str:
+    from xml_pipeline.client import default_url
 
-    data = _data_dir(args)
+    if args.url:
+        return str(args.url)
+    organism_file = Path(DEFAULT_ORGANISM)
+    if organism_file.exists():
+        try:
+            organism = load_organism(organism_file)
+        except OrganismError:
+            pass
+        else:
+            return default_url(organism.api.host, organism.api.port)
+    return default_url()
+
+
+def _inject(args: argparse.Namespace) -> int:
+    from xml_pipeline.client import Client, ClientError
+
     try:
         payload = _read_payload(args.payload)
     except OSError as exc:
         print(f"Cannot read the payload: {exc}.", file=sys.stderr)
         return 2
-    message: dict[str, Any] = {"op": "inject", "to": args.to, "payload": payload}
-    if args.thread:
-        message["thread_id"] = args.thread
-    if args.idempotency_key:
-        message["idempotency_key"] = args.idempotency_key
     try:
-        answer = await request(data, message)
-    except ConnectionError as exc:
-        print(str(exc), file=sys.stderr)
+        with Client(_url(args)) as client:
+            answer = client.inject(to=args.to, payload=payload, thread_id=args.thread,
+                                   idempotency_key=args.idempotency_key)
+    except ClientError as exc:
+        if args.json:
+            print(json.dumps({"error": {"code": exc.code, "message": exc.message}}))
+        else:
+            print(f"rejected ({exc.code}): {exc.message}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(answer))
-    elif answer.get("ok"):
-        print(f"accepted message {answer['message_id']} in thread {answer['thread_id']}")
     else:
-        print(f"rejected ({answer['error']['code']}): {answer['error']['message']}",
-              file=sys.stderr)
-    return 0 if answer.get("ok") else 1
+        print(f"accepted message {answer['message_id']} in thread {answer['thread_id']}")
+    return 0
+
+
+def _tail_url(args: argparse.Namespace) -> int:
+    from xml_pipeline.client import Client, ClientError
+
+    out = sys.stdout
+    style = _Style(out)
+    try:
+        with Client(_url(args)) as client:
+            # Over the API, tail always follows; --after N replays from position N first.
+            for item in client.events(after=args.after if args.after else None,
+                                      thread=args.thread, agent=args.agent, types=args.type):
+                if args.json:
+                    out.write(json.dumps(item) + "\n")
+                else:
+                    data = {k: v for k, v in item["data"].items() if k != "at"}
+                    text = " ".join(f"{k}={str(v)[:80]}" for k, v in data.items()
+                                    if v not in (None, "", []) and k not in
+                                    ("envelope", "source", "listeners"))
+                    out.write(f"{style('#' + str(item['position']), '2')} {item['at']} "
+                              f"{style(item['type'], '36')} {text}\n")
+                out.flush()
+    except ClientError as exc:
+        print(exc.message, file=sys.stderr)
+        return 1
+    return 0
 
 
 # ------------------------------------------------------------------ entry point
@@ -381,19 +415,23 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="machine-readable output")
     check.set_defaults(run=_cmd_check)
 
-    run = commands.add_parser("run", help="run the organism (pump and local control socket)")
+    run = commands.add_parser("run", help="run the organism: pump and HTTP API")
     run.add_argument("organism", nargs="?", default=DEFAULT_ORGANISM)
     run.add_argument("--data", help="log directory (default: organism.yaml's log.path)")
+    run.add_argument("--host", help="API address (env XML_PIPELINE_HOST; default organism.yaml)")
+    run.add_argument("--port", type=int, help="API port (env XML_PIPELINE_PORT)")
+    run.add_argument("--no-access-log", action="store_true", help="do not log each request")
     run.set_defaults(run=lambda a: asyncio.run(_run(a)))
 
     inject = commands.add_parser("inject", help="send a message to a running organism")
     inject.add_argument("--to", help="listener name (omit if PAYLOAD is a full envelope)")
     inject.add_argument("--thread", help="continue this thread")
     inject.add_argument("--idempotency-key", help="the same key returns the original ids")
-    inject.add_argument("--data", help=DATA_HELP)
+    inject.add_argument("--url", help="the organism's address (default: organism.yaml's api, "
+                                      "or env XML_PIPELINE_URL)")
     inject.add_argument("--json", action="store_true", help="machine-readable output")
     inject.add_argument("payload", help="XML text, @file, or - for standard input")
-    inject.set_defaults(run=lambda a: asyncio.run(_inject(a)))
+    inject.set_defaults(run=_inject)
 
     rep = commands.add_parser("replay", help="rebuild state from the log and summarise it")
     rep.add_argument("--data", help=DATA_HELP)
@@ -412,7 +450,8 @@ def _parser() -> argparse.ArgumentParser:
     tail.add_argument("--type", action="append", help="only events of this type (repeatable)")
     tail.add_argument("--after", type=int, default=0, help="start after this position")
     tail.add_argument("--json", action="store_true", help="one JSON object per line")
-    tail.set_defaults(run=lambda a: asyncio.run(_tail(a)))
+    tail.add_argument("--url", help="follow a running organism over its API (always follows)")
+    tail.set_defaults(run=lambda a: _tail_url(a) if a.url else asyncio.run(_tail(a)))
     return parser
 
 

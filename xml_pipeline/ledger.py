@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 from functools import partial
 
 from xml_pipeline.events import (
@@ -21,6 +23,7 @@ from xml_pipeline.events import (
     MessageDropped,
     ThreadCompleted,
 )
+from xml_pipeline.histogram import Histogram
 from xml_pipeline.log import EventLog
 from xml_pipeline.state import State
 from xml_pipeline.types import Clock
@@ -46,6 +49,9 @@ class Ledger:
         self.appending = 0  # commits not yet folded (or failed)
         self.fault: BaseException | None = None
         self.signal = asyncio.Event()
+        #: called with (position, event) for every event folded, in order (metrics, tails)
+        self.observers: list[Callable[[int, Event], None]] = []
+        self.append_latency = Histogram()
 
     @property
     def idle(self) -> bool:
@@ -94,7 +100,7 @@ class Ledger:
         except Exception as exc:  # a closed or failed log: nothing was appended
             self._failed(batch, exc)
             return
-        future.add_done_callback(partial(self._fold, batch))
+        future.add_done_callback(partial(self._fold, batch, time.perf_counter()))
 
     def _failed(self, batch: list[tuple[list[Event], asyncio.Future[list[int]]]],
                 exc: BaseException) -> None:
@@ -108,7 +114,7 @@ class Ledger:
         self.notify()
 
     def _fold(self, batch: list[tuple[list[Event], asyncio.Future[list[int]]]],
-              future: asyncio.Future[list[int]]) -> None:
+              started: float, future: asyncio.Future[list[int]]) -> None:
         if future.cancelled():
             self._failed(batch, asyncio.CancelledError())
             return
@@ -117,6 +123,8 @@ class Ledger:
             self._failed(batch, error)
             return
         self.appending -= len(batch)
+        self.fault = None
+        self.append_latency.observe((time.perf_counter() - started) * 1000)
         positions = future.result()
         unfolded = self._unfolded
         for position, event in zip(positions, (e for part, _ in batch for e in part),
@@ -127,6 +135,8 @@ class Ledger:
         while (following := state.position + 1) in unfolded:
             event = unfolded.pop(following)
             state.apply(following, event)
+            for observer in self.observers:
+                observer(following, event)
             if isinstance(event, _OUTCOMES):
                 message = state.threads.messages.get(event.message_id)
                 if message is not None:

@@ -18,9 +18,10 @@ import asyncio
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import xml_pipeline
 from xml_pipeline.delivery import Deliverer
@@ -32,6 +33,7 @@ from xml_pipeline.errors import (
     LogError,
     ThreadClosedError,
     UnknownListenerError,
+    XmlPipelineError,
 )
 from xml_pipeline.events import (
     AgentPaused,
@@ -50,6 +52,7 @@ from xml_pipeline.events import (
     UsageReset,
 )
 from xml_pipeline.handlers import Payload
+from xml_pipeline.histogram import Histogram
 from xml_pipeline.ids import IdFactory
 from xml_pipeline.ledger import Ledger
 from xml_pipeline.log import EventLog
@@ -106,6 +109,19 @@ class Pump:
 
     def clock(self) -> float:
         return self._clock()
+
+    @property
+    def append_latency(self) -> Histogram:
+        return self._ledger.append_latency
+
+    def observe(self, observer: Callable[[int, Event], None]) -> None:
+        """Call ``observer(position, event)`` for every event folded from now on."""
+        self._ledger.observers.append(observer)
+
+    @property
+    def fault(self) -> BaseException | None:
+        """The last append failure, if the log is failing (cleared by a good append)."""
+        return self._ledger.fault
 
     @property
     def _signal(self) -> asyncio.Event:
@@ -189,7 +205,7 @@ class Pump:
 
     async def _start(self) -> None:
         folder = self._snapshots()
-        snapshot = None if folder is None else await asyncio.to_thread(latest_snapshot, folder)
+        snapshot = None if folder is None else latest_snapshot(folder, log=self.log)
         self._ledger.state = await replay(self.log, state=snapshot)
         # After a crash (no OrganismStopped last), any pending message may have been seen.
         self._clean_start = self.state.agents.status in ("new", "stopped")
@@ -269,6 +285,12 @@ class Pump:
 
     def _listener(self, name: str) -> Listener:
         return self._router.listener(name)
+
+    async def reject_input(self, exc: XmlPipelineError, *, raw: Any, sender: str,
+                           to: str | None, code: str | None = None) -> None:
+        """Record input refused before it reached ``inject`` (a bad HTTP body, say)."""
+        await self._router.reject(exc, raw=raw, sender=sender, to=to, thread_id=None,
+                                  parent_id=None, code=code)
 
     # ------------------------------------------------------------ control
 

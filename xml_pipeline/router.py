@@ -126,7 +126,7 @@ class Router:
         except (BusyError, LogError):
             raise
         except XmlPipelineError as exc:
-            await self._reject(exc, raw=data, sender=sender, to=to, thread_id=thread_id,
+            await self.reject(exc, raw=data, sender=sender, to=to, thread_id=thread_id,
                                parent_id=None)
             raise
 
@@ -226,10 +226,10 @@ class Router:
             mailbox.put(delivery)
         self._ledger.notify()
 
-    async def _reject(self, exc: XmlPipelineError, *, raw: Any, sender: str | None,
-                      to: str | None, thread_id: str | None, parent_id: str | None,
-                      durable: bool = True) -> None:
-        future = self._commit_soon([MessageRejected(at=self._clock(), reason=exc.code,
+    async def reject(self, exc: XmlPipelineError, *, raw: Any, sender: str | None,
+                     to: str | None, thread_id: str | None, parent_id: str | None,
+                     durable: bool = True, code: str | None = None) -> None:
+        future = self._commit_soon([MessageRejected(at=self._clock(), reason=code or exc.code,
                                             error=exc.message, raw=_raw_text(raw),
                                             sender=sender, to=to, thread_id=thread_id,
                                             parent_id=parent_id)])
@@ -269,7 +269,7 @@ class Router:
         except (BusyError, LogError):
             raise
         except XmlPipelineError as exc:
-            await self._reject(exc, raw=data if not isinstance(data, Mapping) else repr(data),
+            await self.reject(exc, raw=data if not isinstance(data, Mapping) else repr(data),
                                sender=listener.name, to=to, thread_id=delivery.thread_id,
                                parent_id=delivery.message_id, durable=False)
             if isinstance(exc, ThreadClosedError) or delivery.system_depth >= MAX_SYSTEM_ERRORS:

@@ -73,6 +73,16 @@ class PayloadSchema:
             f"The payload does not match {self.path.name} at {where}: {message}", where=where
         )
 
+    def example(self) -> str:
+        """An example payload (XML text) built from the schema: required content, sample
+        values. It is checked against the schema; if it does not fit (unusual facets), the
+        bare root element is returned instead."""
+        text = _example(self)
+        if not self.compiled.validate(etree.fromstring(text)):
+            return f"<{self.root}/>" if not self.namespace else \
+                f'<{self.root} xmlns="{self.namespace}"/>'
+        return text
+
     def xmlschema(self) -> Any:
         """The ``xmlschema.XMLSchema`` view of this schema (built on first use)."""
         if not self._view:
@@ -190,3 +200,62 @@ def load_schema(path: Path) -> PayloadSchema:
         root=str(elements[0].get("name")),
         compiled=compiled,
     )
+
+
+_SAMPLES = {
+    "string": "text", "normalizedString": "text", "token": "token", "boolean": "true",
+    "decimal": "1.5", "float": "1.5", "double": "1.5", "integer": "1", "int": "1",
+    "long": "1", "short": "1", "byte": "1", "nonNegativeInteger": "0",
+    "positiveInteger": "1", "negativeInteger": "-1", "nonPositiveInteger": "0",
+    "unsignedInt": "1", "unsignedLong": "1", "unsignedShort": "1", "unsignedByte": "1",
+    "date": "2026-01-01", "dateTime": "2026-01-01T00:00:00Z", "time": "00:00:00",
+    "duration": "PT1S", "anyURI": "https://example.org/", "base64Binary": "AA==",
+    "hexBinary": "00", "language": "en", "Name": "name", "NCName": "name", "QName": "name",
+    "ID": "id1", "IDREF": "id1", "gYear": "2026",
+}
+
+
+def _sample(simple: Any) -> str:
+    """A value that fits a simple type: its first enumeration, else a sample of its base."""
+    enumeration = getattr(simple, "enumeration", None)
+    if enumeration:
+        return str(enumeration[0])
+    primitive = getattr(simple, "primitive_type", None)
+    name = getattr(primitive, "local_name", None) or getattr(simple, "local_name", None)
+    value = _SAMPLES.get(str(name), "text")
+    min_length = getattr(simple, "min_length", None)
+    if min_length and len(value) < min_length:
+        value = value * (min_length // len(value) + 1)
+    max_length = getattr(simple, "max_length", None)
+    if max_length is not None and len(value) > max_length:
+        value = value[:max_length]
+    return value
+
+
+def _fill(element: etree._Element, xsd_element: Any, depth: int) -> None:
+    xsd_type = xsd_element.type
+    for name, attribute in getattr(xsd_type, "attributes", {}).items():
+        if name and getattr(attribute, "use", "optional") == "required":
+            element.set(name, _sample(attribute.type))
+    if xsd_type.is_simple() or getattr(xsd_type, "has_simple_content", lambda: False)():
+        element.text = _sample(xsd_type if xsd_type.is_simple() else xsd_type.content)
+        return
+    content = getattr(xsd_type, "content", None)
+    if content is None or depth > 8:
+        return
+    for child in content.iter_elements():
+        if getattr(child, "min_occurs", 1) == 0 and depth > 0:
+            continue
+        name = getattr(child, "name", None)
+        if not name:
+            continue
+        node = etree.SubElement(element, name)
+        _fill(node, child, depth + 1)
+
+
+def _example(schema: PayloadSchema) -> str:
+    view = schema.xmlschema()
+    xsd_element = view.elements[schema.root]
+    root = etree.Element(schema.tag, nsmap={None: schema.namespace} if schema.namespace else None)
+    _fill(root, xsd_element, 0)
+    return etree.tostring(root, pretty_print=True, encoding="unicode").strip()

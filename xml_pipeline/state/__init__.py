@@ -14,8 +14,8 @@ from __future__ import annotations
 import gc
 import hashlib
 import os
-from contextlib import contextmanager
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 

@@ -1,0 +1,145 @@
+"""The Starlette application: routes under ``/api/v1``, the pump owned by the lifespan.
+
+``create_app(organism)`` opens the organism's file log and runs the pump for the lifetime of
+the application; ``app.state.pump`` is what every endpoint acts on. Errors are always JSON
+(``{"error": {code, message, details, request_id}}``), never a stack trace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Mount, Route
+from starlette.schemas import SchemaGenerator
+
+import xml_pipeline
+from xml_pipeline.api import commands, stream, views
+from xml_pipeline.api.auth import AuthMiddleware, BodyLimitMiddleware, RequestIdMiddleware
+from xml_pipeline.api.metrics import Observer, metrics
+from xml_pipeline.api.responses import ApiError, JSONResponse, error_response
+from xml_pipeline.errors import XmlPipelineError
+from xml_pipeline.log.file import open_file_log
+from xml_pipeline.organism import Organism
+from xml_pipeline.pump import open_pump
+
+__all__ = ["create_app"]
+
+_log = logging.getLogger("xml_pipeline.api")
+
+_OPENAPI_BASE: dict[str, Any] = {
+    "openapi": "3.0.3",
+    "info": {"title": "xml-pipeline", "version": xml_pipeline.__version__,
+             "description": "Introspection, injection, control and live tail of a running "
+                            "xml-pipeline organism."},
+    "servers": [{"url": "/api/v1"}],
+    "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+    "security": [{"bearer": []}],
+}
+
+
+async def health(request: Request) -> Response:
+    pump = request.app.state.pump
+    failing = pump.fault is not None
+    return JSONResponse({"status": "failing" if failing else "ok",
+                         "position": pump.state.position,
+                         "error": str(pump.fault) if failing else None},
+                        status_code=503 if failing else 200)
+
+
+async def openapi(request: Request) -> Response:
+    """The OpenAPI document, generated from the routes' docstrings."""
+    schema = SchemaGenerator(_OPENAPI_BASE).get_schema(routes=_api_routes())
+    return JSONResponse(schema)
+
+
+def _api_routes() -> list[Any]:
+    return [*views.routes, *commands.routes, *stream.routes]
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return error_response(request, exc)
+
+
+async def _bus_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, XmlPipelineError)
+    return error_response(request, ApiError.from_error(exc))
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    message = {404: f"There is no route {request.url.path!r}; see /api/v1/openapi.json.",
+               405: f"{request.method} is not allowed on {request.url.path!r}."}.get(
+                   exc.status_code, str(exc.detail))
+    return error_response(request, ApiError(code, message, status=exc.status_code,
+                                            headers=exc.headers))
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    request_id = request.scope.get("state", {}).get("request_id")
+    _log.exception("internal error in %s %s (request %s)", request.method, request.url.path,
+                   request_id, exc_info=exc)
+    return error_response(request, ApiError(
+        "internal_error", "An internal error occurred; the request id identifies it in the "
+                          "server log.", status=500))
+
+
+def create_app(organism: Organism, *, data: Path | None = None, token: str | None = None,
+               max_body: int | None = None, stop_timeout: float = 10.0,
+               stop: asyncio.Event | None = None) -> Starlette:
+    """The API application for ``organism``, logging to ``data`` (default: its log path)."""
+    directory = data if data is not None else organism.log.path
+    if directory is None:
+        raise ValueError("This organism has no file log path; pass data=DIR.")
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        log = await open_file_log(directory, fsync=organism.log.fsync,
+                                  segment_bytes=organism.log.segment_bytes)
+        try:
+            async with open_pump(organism, log, stop_timeout=stop_timeout) as pump:
+                observer = Observer()
+                pump.observe(observer)
+                app.state.pump = pump
+                app.state.observer = observer
+                app.state.stop = stop if stop is not None else asyncio.Event()
+                yield
+        finally:
+            await log.aclose()
+
+    limit = max_body if max_body is not None else organism.limits.max_bytes
+    middleware = [
+        Middleware(RequestIdMiddleware),
+        Middleware(AuthMiddleware, token=token),
+        Middleware(BodyLimitMiddleware, limit=limit, exempt=("/api/v1/inject",)),
+    ]
+    routes = [
+        Route("/health", health, methods=["GET"], include_in_schema=False),
+        Route("/metrics", metrics, methods=["GET"], include_in_schema=False),
+        Mount("/api/v1", routes=[
+            *_api_routes(),
+            Route("/openapi.json", openapi, methods=["GET"], include_in_schema=False),
+        ]),
+    ]
+    handlers: dict[Any, Any] = {
+        ApiError: _api_error,
+        XmlPipelineError: _bus_error,
+        HTTPException: _http_error,
+        Exception: _internal_error,
+    }
+    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
+                    exception_handlers=handlers)
+    return app
+
+

@@ -1,0 +1,143 @@
+"""Bearer-token authentication and the other request guards, as plain ASGI middleware.
+
+- With a token configured (``XML_PIPELINE_API_TOKEN``), every ``/api/v1`` route and
+  ``/metrics`` require ``Authorization: Bearer <token>``, compared in constant time. The token
+  is read from that header only: never from the query string or a cookie.
+- Every response carries an ``X-Request-ID`` (the client's, if it sent a sane one).
+- Request bodies are capped; a larger body gets 413 before the endpoint sees it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+import uuid
+
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from xml_pipeline.api.responses import _encoder
+
+__all__ = ["AuthMiddleware", "BodyLimitMiddleware", "RequestIdMiddleware", "TOKEN_ENV"]
+
+TOKEN_ENV = "XML_PIPELINE_API_TOKEN"
+_PROTECTED = ("/api/v1", "/metrics")
+_SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z")
+
+
+def _error_body(scope: Scope, code: str, message: str) -> bytes:
+    request_id = scope.get("state", {}).get("request_id")
+    return _encoder.encode({"error": {"code": code, "message": message, "details": None,
+                                      "request_id": request_id}})
+
+
+async def _send_error(scope: Scope, send: Send, status: int, code: str, message: str,
+                      extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    body = _error_body(scope, code, message)
+    headers = [(b"content-type", b"application/json"),
+               (b"content-length", str(len(body)).encode())] + (extra or [])
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class RequestIdMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        given = Headers(scope=scope).get("x-request-id")
+        request_id = given if given and _SANE_ID.match(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"],
+                                      (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+class AuthMiddleware:
+    def __init__(self, app: ASGIApp, *, token: str | None) -> None:
+        self.app = app
+        self._token = token.encode("utf-8") if token else None
+
+    def _allowed(self, scope: Scope) -> bool:
+        if self._token is None:
+            return True
+        path: str = scope.get("path", "")
+        if not path.startswith(_PROTECTED):
+            return True
+        header = Headers(scope=scope).get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            # Compare anyway, so that a missing header costs the same as a wrong one.
+            hmac.compare_digest(self._token, b"\0" * len(self._token))
+            return False
+        return hmac.compare_digest(self._token, given.strip().encode("utf-8", "replace"))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket") or self._allowed(scope):
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008,
+                        "reason": "authentication required"})
+            return
+        await _send_error(scope, send, 401, "unauthorized",
+                          "A valid 'Authorization: Bearer <token>' header is required "
+                          f"(the token is the server's {TOKEN_ENV}).",
+                          [(b"www-authenticate", b'Bearer realm="xml-pipeline"')])
+
+
+class BodyLimitMiddleware:
+    """Refuse request bodies over ``limit`` bytes with 413 (by Content-Length up front, or
+    while reading a chunked body)."""
+
+    def __init__(self, app: ASGIApp, *, limit: int, exempt: tuple[str, ...] = ()) -> None:
+        self.app = app
+        self.limit = limit
+        self.exempt = exempt  # paths that enforce (and record) the limit themselves
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") in self.exempt:
+            await self.app(scope, receive, send)
+            return
+        length = Headers(scope=scope).get("content-length")
+        too_large = (f"The request body is over the limit of {self.limit} bytes; send a "
+                     "smaller body.")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            await _send_error(scope, send, 413, "body_too_large", too_large)
+            return
+        seen = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _TooLarge:
+            if not started:
+                await _send_error(scope, send, 413, "body_too_large", too_large)
+
+
+class _TooLarge(Exception):
+    pass

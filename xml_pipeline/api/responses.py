@@ -1,0 +1,140 @@
+"""Response shapes shared by every endpoint: JSON bodies, errors, pagination.
+
+Errors are ``{"error": {"code", "message", "details", "request_id"}}`` with the status that
+fits; lists are ``{"<items>": [...], "count", "total", "offset", "limit"}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import msgspec
+from starlette.requests import HTTPConnection
+from starlette.responses import Response
+
+from xml_pipeline.errors import XmlPipelineError
+
+__all__ = [
+    "ApiError",
+    "JSONResponse",
+    "STATUS_BY_CODE",
+    "error_response",
+    "listing",
+    "page",
+    "status_for",
+]
+
+_encoder = msgspec.json.Encoder()
+
+#: The HTTP status of each error code.
+STATUS_BY_CODE: dict[str, int] = {
+    "malformed_xml": 400,
+    "forbidden_xml": 400,
+    "xml_too_deep": 400,
+    "invalid_envelope": 400,
+    "invalid_xml": 400,
+    "invalid_json": 400,
+    "invalid_request": 400,
+    "unauthorized": 401,
+    "undeclared_peer": 403,
+    "not_found": 404,
+    "unknown_listener": 404,
+    "method_not_allowed": 405,
+    "thread_closed": 409,
+    "xml_too_large": 413,
+    "body_too_large": 413,
+    "unsupported_media_type": 415,
+    "invalid_payload": 422,
+    "invalid_organism": 422,
+    "mailbox_full": 429,
+    "busy": 503,
+    "log_error": 503,
+    "log_write_failed": 503,
+    "log_closed": 503,
+    "log_locked": 503,
+    "log_corrupted": 503,
+}
+
+
+def status_for(code: str) -> int:
+    return STATUS_BY_CODE.get(code, 400 if code.startswith("invalid") else 500)
+
+
+class JSONResponse(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return _encoder.encode(content)
+
+
+class ApiError(Exception):
+    """An error answered to the client as-is (never a stack trace)."""
+
+    def __init__(self, code: str, message: str, *, status: int | None = None,
+                 details: Any = None, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status if status is not None else status_for(code)
+        self.details = details
+        self.headers = dict(headers or {})
+
+    @classmethod
+    def from_error(cls, exc: XmlPipelineError) -> ApiError:
+        details: dict[str, Any] = {}
+        where = getattr(exc, "where", None)
+        if where:
+            details["where"] = where
+        problems = getattr(exc, "problems", None)
+        if problems:
+            details["problems"] = [{"file": p.file, "line": p.line, "message": p.message}
+                                   for p in problems]
+        headers = {}
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after is not None:
+            headers["Retry-After"] = str(max(1, round(retry_after)))
+        return cls(exc.code, exc.message, details=details or None, headers=headers)
+
+
+def request_id(conn: HTTPConnection) -> str | None:
+    value = conn.scope.get("state", {}).get("request_id")
+    return value if isinstance(value, str) else None
+
+
+def error_response(conn: HTTPConnection, error: ApiError) -> JSONResponse:
+    body = {"error": {"code": error.code, "message": error.message, "details": error.details,
+                      "request_id": request_id(conn)}}
+    return JSONResponse(body, status_code=error.status, headers=error.headers)
+
+
+def _int(conn: HTTPConnection, name: str, default: int, low: int, high: int) -> int:
+    raw = conn.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        raise ApiError("invalid_request",
+                       f"The query parameter {name!r} must be a whole number from {low} to "
+                       f"{high}, not {raw!r}.", details={"parameter": name})
+    return value
+
+
+def page(conn: HTTPConnection, *, default_limit: int = 50, max_limit: int = 1000
+         ) -> tuple[int, int]:
+    """``(limit, offset)`` from the query string, checked."""
+    return (_int(conn, "limit", default_limit, 1, max_limit),
+            _int(conn, "offset", 0, 0, 1 << 62))
+
+
+def integer(conn: HTTPConnection, name: str, default: int) -> int:
+    return _int(conn, name, default, 0, 1 << 62)
+
+
+def listing(name: str, items: Sequence[Any], *, total: int, limit: int, offset: int
+            ) -> dict[str, Any]:
+    return {name: list(items), "count": len(items), "total": total, "offset": offset,
+            "limit": limit}

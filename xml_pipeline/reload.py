@@ -8,6 +8,10 @@ up when the handler's own module file changed (modules it imports are not reload
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +19,9 @@ from xml_pipeline.errors import OrganismError
 from xml_pipeline.organism import Organism, load_organism
 from xml_pipeline.pump import Pump, budgets_of
 
-__all__ = ["ReloadResult", "diff_organisms", "reload_organism"]
+__all__ = ["ReloadResult", "diff_organisms", "reload_organism", "watch", "watched_files"]
+
+_log = logging.getLogger("xml_pipeline.reload")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -70,3 +76,50 @@ async def reload_organism(pump: Pump, path: Path | None = None) -> ReloadResult:
     await pump.swap(new, event)
     return ReloadResult(success=True, added=added, removed=removed, updated=tuple(changes),
                         changes=changes)
+
+
+def watched_files(organism: Organism) -> set[Path]:
+    """organism.yaml, every XSD its listeners name, and every handler module's source file."""
+    paths = {organism.path.resolve()}
+    for listener in organism.listeners.values():
+        paths.add(listener.schema.path.resolve())
+        module = sys.modules.get((listener.handler or ":").partition(":")[0])
+        source = getattr(module, "__file__", None)
+        if source:
+            paths.add(Path(source).resolve())
+    return paths
+
+
+async def watch(pump: Pump, *, stop: asyncio.Event, debounce_ms: int = 200,
+                on_result: Callable[[ReloadResult], None] | None = None) -> None:
+    """Reload ``pump``'s organism whenever one of its files changes, until ``stop`` is set.
+
+    Directories are watched (an editor's save-as-rename replaces the file), and changes are
+    debounced: a burst of writes within ``debounce_ms`` is one reload. When the set of files
+    changes (a schema added, say), the watch starts again on the new set.
+    """
+    import watchfiles
+
+    while not stop.is_set():
+        files = watched_files(pump.organism)
+        folders = sorted({str(path.parent) for path in files})
+        names = {str(path) for path in files}
+
+        def wanted(change: watchfiles.Change, path: str, names: set[str] = names) -> bool:
+            return str(Path(path).resolve()) in names
+
+        async for _changes in watchfiles.awatch(*folders, watch_filter=wanted,
+                                                debounce=debounce_ms, step=20,
+                                                stop_event=stop, recursive=False,
+                                                rust_timeout=500):
+            result = await reload_organism(pump)
+            if result.success:
+                _log.info("organism reloaded: added %s, removed %s, updated %s",
+                          list(result.added), list(result.removed), list(result.updated))
+            else:
+                _log.error("reload rejected; the running organism is unchanged:\n%s",
+                           result.error)
+            if on_result is not None:
+                on_result(result)
+            if watched_files(pump.organism) != files:
+                break  # watch the new set of files

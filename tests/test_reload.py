@@ -1,0 +1,223 @@
+"""Hot reload with the real watcher on real files: edits of organism.yaml, XSDs and handler
+modules of a running organism take effect, bad edits are refused, nothing is lost."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import textwrap
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import write_organism
+from xml_pipeline.errors import OrganismError
+from xml_pipeline.events import (
+    HandlerSucceeded,
+    MessageAccepted,
+    MessageDeadLettered,
+    MessageDelivered,
+    OrganismReloaded,
+    ReloadRejected,
+)
+from xml_pipeline.log.file import FileLog, open_file_log
+from xml_pipeline.organism import load_organism
+from xml_pipeline.pump import Pump, open_pump
+from xml_pipeline.reload import ReloadResult, watch
+
+ITEM_XSD = """<?xml version="1.0"?>
+<xs:schema xmlns:xs="http://www.w3.org/2001/XMLSchema">
+  <xs:element name="Item"><xs:complexType><xs:sequence>
+    <xs:element name="n" type="xs:string"/>
+  </xs:sequence></xs:complexType></xs:element>
+</xs:schema>
+"""
+TIGHT_XSD = ITEM_XSD.replace('<xs:element name="n" type="xs:string"/>', '''<xs:element name="n">
+      <xs:simpleType><xs:restriction base="xs:string">
+        <xs:maxLength value="3"/>
+      </xs:restriction></xs:simpleType>
+    </xs:element>''')
+
+_modules = itertools.count()
+
+
+def handlers_source(word: str) -> str:
+    return textwrap.dedent(f"""
+        seen = []
+
+        async def record(payload, ctx):
+            seen.append((ctx.name, payload.findtext("n"), "{word}"))
+    """)
+
+
+def organism_yaml(module: str, *, extra: str = "", description: str = "d",
+                  with_b: bool = True) -> str:
+    b = (f"""  - {{name: b, description: d, payload: schemas/item.xsd,
+     handler: "{module}:record"}}\n""" if with_b else "")
+    return (f"""organism: {{name: reload-test}}
+listeners:
+  - {{name: a, description: {description}, payload: schemas/item.xsd,
+     handler: "{module}:record"}}
+""" + b + extra)
+
+
+class Watched:
+    def __init__(self, folder: Path, module: str, pump: Pump, log: FileLog) -> None:
+        self.folder = folder
+        self.module = module
+        self.pump = pump
+        self.log = log
+        self.results: asyncio.Queue[ReloadResult] = asyncio.Queue()
+
+    def write(self, relative: str, text: str) -> None:
+        path = self.folder / relative
+        # Like an editor: write a new file, then rename it over the old one.
+        temporary = path.with_name(path.name + ".swp")
+        temporary.write_text(text)
+        temporary.replace(path)
+
+    async def edit(self, relative: str, text: str) -> ReloadResult:
+        self.write(relative, text)
+        return await asyncio.wait_for(self.results.get(), 30)
+
+    def seen(self) -> list[Any]:
+        import sys
+        return list(sys.modules[self.module].seen)
+
+    async def events(self, kind: type[Any]) -> list[Any]:
+        return [r.event async for r in self.log.read() if isinstance(r.event, kind)]
+
+
+@pytest.fixture
+async def watched(tmp_path: Path) -> AsyncIterator[Watched]:
+    module = f"reload_handlers_{next(_modules)}"
+    path = write_organism(tmp_path / "org", organism_yaml(module),
+                          schemas={"item.xsd": ITEM_XSD},
+                          modules={module: handlers_source("one")})
+    log = await open_file_log(tmp_path / "events")
+    async with open_pump(load_organism(path), log) as pump:
+        w = Watched(tmp_path / "org", module, pump, log)
+        stop = asyncio.Event()
+        task = asyncio.ensure_future(watch(pump, stop=stop, debounce_ms=50,
+                                           on_result=w.results.put_nowait))
+        try:
+            yield w
+        finally:
+            stop.set()
+            await task
+    await log.aclose()
+
+
+def item(n: object) -> str:
+    return f"<Item><n>{n}</n></Item>"
+
+
+async def test_an_added_listener_receives_at_once(watched: Watched) -> None:
+    result = await watched.edit("organism.yaml", organism_yaml(watched.module, extra=(
+        f"""  - {{name: c, description: new, payload: schemas/item.xsd,
+     handler: "{watched.module}:record"}}\n""")))
+    assert (result.success, result.added, result.removed) == (True, ("c",), ())
+    await watched.pump.inject(item(1), to="c")
+    await watched.pump.wait_idle()
+    assert watched.seen() == [("c", "1", "one")]
+    reloaded = await watched.events(OrganismReloaded)
+    assert [(e.added, e.removed) for e in reloaded] == [(("c",), ())]
+
+
+async def test_a_removed_listener_has_its_queued_messages_dead_lettered(watched: Watched
+                                                                      ) -> None:
+    await watched.pump.pause("b", by="test")
+    queued = [await watched.pump.inject(item(k), to="b") for k in range(3)]
+    result = await watched.edit("organism.yaml", organism_yaml(watched.module, with_b=False))
+    assert (result.success, result.removed) == (True, ("b",))
+    await watched.pump.wait_idle()
+    dead = await watched.events(MessageDeadLettered)
+    assert [(d.message_id, d.reason) for d in dead] == [
+        (q.message_id, "Listener 'b' was removed from the organism by a reload.")
+        for q in queued]
+    assert watched.seen() == []
+
+
+async def test_a_tightened_schema_rejects_an_old_queued_message(watched: Watched) -> None:
+    await watched.pump.pause("a", by="test")
+    short = await watched.pump.inject(item("ok"), to="a")
+    long = await watched.pump.inject(item("too long"), to="a")
+    result = await watched.edit("schemas/item.xsd", TIGHT_XSD)
+    assert result.success
+    assert result.changes == {"a": ["schema_digest"], "b": ["schema_digest"]}
+    await watched.pump.resume("a", by="test")
+    await watched.pump.wait_idle()
+    assert watched.seen() == [("a", "ok", "one")]
+    dead = await watched.events(MessageDeadLettered)
+    assert [d.message_id for d in dead] == [long.message_id]
+    assert dead[0].reason.startswith("The message no longer fits a's new schema: The payload "
+                                     "does not match item.xsd")
+    assert short.message_id not in watched.pump.state.threads.dead_letters
+
+
+async def test_a_broken_edit_is_refused_while_traffic_flows_then_a_fix_is_taken(
+        watched: Watched) -> None:
+    broken = organism_yaml(watched.module).replace("description: d", "descripton: d", 1)
+    result = await watched.edit("organism.yaml", broken)
+    assert result.success is False
+    with pytest.raises(OrganismError) as check:  # the same message `check` prints
+        load_organism(watched.folder / "organism.yaml")
+    assert result.error == check.value.message
+    assert f"{watched.folder / 'organism.yaml'}:3: Unknown key 'descripton' in listeners[0]." \
+        in (result.error or "")
+    rejected = await watched.events(ReloadRejected)
+    assert [r.error for r in rejected] == [result.error]
+    await watched.pump.inject(item(1), to="a")  # the old organism keeps running
+    await watched.pump.wait_idle()
+    assert watched.seen() == [("a", "1", "one")]
+    fixed = await watched.edit("organism.yaml", organism_yaml(watched.module,
+                                                             description="fixed"))
+    assert (fixed.success, fixed.updated) == (True, ("a",))
+    assert fixed.changes == {"a": ["description"]}
+    assert watched.pump.organism.listeners["a"].description == "fixed"
+
+
+async def test_edited_handler_code_is_picked_up(watched: Watched) -> None:
+    result = await watched.edit(f"{watched.module}.py", handlers_source("two"))
+    assert result.success
+    assert result.changes == {"a": ["handler_code"], "b": ["handler_code"]}
+    await watched.pump.inject(item(1), to="a")
+    await watched.pump.wait_idle()
+    assert watched.seen() == [("a", "1", "two")]
+
+
+async def test_twenty_reloads_under_traffic_lose_nothing_and_deliver_nothing_twice(
+        watched: Watched) -> None:
+    injected: list[str] = []
+    done = asyncio.Event()
+
+    async def traffic() -> None:
+        for k in itertools.count():
+            if done.is_set():
+                return
+            accepted = await watched.pump.inject(item(k), to="a" if k % 2 else "b", wait=True)
+            injected.append(accepted.message_id)
+            await asyncio.sleep(0)
+
+    producers = [asyncio.ensure_future(traffic()) for _ in range(4)]
+    try:
+        for round_ in range(20):
+            result = await watched.edit("organism.yaml", organism_yaml(
+                watched.module, description=f"round {round_}"))
+            assert (result.success, result.updated) == (True, ("a",)), result
+    finally:
+        done.set()
+        await asyncio.gather(*producers)
+    await watched.pump.wait_idle()
+    assert len(await watched.events(OrganismReloaded)) == 20
+    accepted = [e.message_id for e in await watched.events(MessageAccepted)]
+    delivered = Counter(e.message_id for e in await watched.events(MessageDelivered))
+    handled = Counter(e.message_id for e in await watched.events(HandlerSucceeded))
+    assert sorted(accepted) == sorted(injected)
+    assert len(injected) > 20
+    assert all(delivered[m] == 1 for m in accepted), "a message was delivered twice or never"
+    assert all(handled[m] == 1 for m in accepted)
+    assert len(watched.seen()) == len(injected)

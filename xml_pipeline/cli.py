@@ -400,6 +400,45 @@ def _tail_url(args: argparse.Namespace) -> int:
     return 0
 
 
+def _remote(args: argparse.Namespace) -> int:
+    """reload / threads / dead-letters against a running organism."""
+    from xml_pipeline.client import Client, ClientError
+
+    try:
+        with Client(_url(args)) as client:
+            if args.command == "reload":
+                result = client.post("/organism/reload")
+            elif args.command == "threads":
+                result = client.get("/threads", status=args.status, agent=args.agent,
+                                    limit=args.limit)
+            else:
+                result = client.get("/dead-letters", limit=args.limit)
+    except ClientError as exc:
+        if args.json:
+            print(json.dumps({"error": {"code": exc.code, "message": exc.message}}))
+        else:
+            print(exc.message, file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    if args.command == "reload":
+        none = "none"
+        print(f"reloaded: added {result['added'] or none}, removed {result['removed'] or none}"
+              f", updated {result['updated'] or none}")
+    elif args.command == "threads":
+        print(f"{result['count']} of {result['total']} threads")
+        for t in result["threads"]:
+            print(f"  {t['thread_id']}  {t['status']:<9} {t['message_count']:>4} messages  "
+                  f"{t['updated_at']}  {', '.join(t['participants'])}")
+    else:
+        print(f"{result['total']} dead letters")
+        for d in result["dead_letters"]:
+            print(f"  {d['message_id']}  {d['listener']}  thread {d['thread_id']}: "
+                  f"{d['reason']}")
+    return 0
+
+
 # ------------------------------------------------------------------ entry point
 
 
@@ -432,6 +471,25 @@ def _parser() -> argparse.ArgumentParser:
     inject.add_argument("--json", action="store_true", help="machine-readable output")
     inject.add_argument("payload", help="XML text, @file, or - for standard input")
     inject.set_defaults(run=_inject)
+
+    url_help = "the organism's address (default: organism.yaml's api, or env XML_PIPELINE_URL)"
+    reload = commands.add_parser("reload", help="reload organism.yaml in a running organism")
+    reload.add_argument("--url", help=url_help)
+    reload.add_argument("--json", action="store_true", help="machine-readable output")
+    reload.set_defaults(run=_remote)
+    threads = commands.add_parser("threads", help="list the threads of a running organism")
+    threads.add_argument("--status", choices=["active", "completed", "failed", "killed",
+                                              "paused"])
+    threads.add_argument("--agent", help="only threads this listener took part in")
+    threads.add_argument("--limit", type=int, default=50)
+    threads.add_argument("--url", help=url_help)
+    threads.add_argument("--json", action="store_true", help="machine-readable output")
+    threads.set_defaults(run=_remote)
+    dead = commands.add_parser("dead-letters", help="list dead-lettered messages")
+    dead.add_argument("--limit", type=int, default=50)
+    dead.add_argument("--url", help=url_help)
+    dead.add_argument("--json", action="store_true", help="machine-readable output")
+    dead.set_defaults(run=_remote)
 
     rep = commands.add_parser("replay", help="rebuild state from the log and summarise it")
     rep.add_argument("--data", help=DATA_HELP)

@@ -61,7 +61,10 @@ class Client:
             return response.json()
         try:
             error = response.json()["error"]
-            code, message = error["code"], error["message"]
+            if isinstance(error, str):  # a refused reload answers with its own shape
+                code, message = "reload_rejected", error
+            else:
+                code, message = error["code"], error["message"]
         except (ValueError, KeyError, TypeError):
             code, message = "http_error", f"HTTP {response.status_code}: {response.text[:200]}"
         raise ClientError(response.status_code, code, message)

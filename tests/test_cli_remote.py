@@ -1,0 +1,51 @@
+"""CLI commands that talk to a running organism over its API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from tests import handlers
+from tests.api_server import running_server
+from tests.conftest import write_organism
+from tests.test_pump import ITEM_XSD, ORGANISM
+from xml_pipeline.cli import main
+from xml_pipeline.organism import load_organism
+
+
+async def test_inject_threads_dead_letters_and_reload(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]
+                                                      ) -> None:
+    handlers.reset()
+    path = write_organism(tmp_path / "org", ORGANISM, schemas={"item.xsd": ITEM_XSD})
+    async with running_server(load_organism(path), tmp_path / "events") as (base, _):
+        def run(*argv: str) -> tuple[int, str, str]:
+            code = main([*argv, "--url", base])
+            out, err = capsys.readouterr()
+            return code, out, err
+
+        code, out, _ = await asyncio.to_thread(run, "inject", "--to", "first",
+                                               "<Item><n>1</n></Item>", "--json")
+        assert code == 0
+        ids = json.loads(out)
+        code, _, err = await asyncio.to_thread(run, "inject", "--to", "nobody", "<Item/>")
+        assert code == 1
+        assert err.startswith("rejected (unknown_listener): There is no listener 'nobody'")
+        await asyncio.to_thread(run, "inject", "--to", "failing", "<Item><n>1</n></Item>")
+        code, out, _ = await asyncio.to_thread(run, "threads", "--json")
+        assert code == 0
+        assert ids["thread_id"] in [t["thread_id"] for t in json.loads(out)["threads"]]
+        code, out, _ = await asyncio.to_thread(run, "dead-letters")
+        assert code == 0 and out.startswith("1 dead letters") and "failing" in out
+        (tmp_path / "org" / "organism.yaml").write_text(
+            (tmp_path / "org" / "organism.yaml").read_text().replace(
+                "{name: first, description: d,", "{name: first, description: changed,"))
+        code, out, _ = await asyncio.to_thread(run, "reload")
+        assert (code, out) == (0, "reloaded: added none, removed none, updated ['first']\n")
+        (tmp_path / "org" / "organism.yaml").write_text("organism: {name: x}\n")
+        code, _, err = await asyncio.to_thread(run, "reload")
+        assert code == 1
+        assert "The 'listeners:' list is missing" in err

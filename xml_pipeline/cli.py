@@ -231,7 +231,7 @@ class _Tail:
             self.thread_of[message_id] = thread_id
         elif isinstance(message_id, str):
             thread_id = self.thread_of.get(message_id)
-        if record.position <= self.args.after:
+        if record.position <= (self.args.after or 0):
             return False
         if self.args.type and type(event).__name__ not in self.args.type:
             return False
@@ -269,7 +269,7 @@ async def _tail(args: argparse.Namespace) -> int:
     tail = _Tail(args, sys.stdout)
     log = await open_file_log(directory, readonly=True)
     # Filtering by thread needs the message -> thread map from the start of the log.
-    start = 0 if args.thread else args.after
+    start = 0 if args.thread else (args.after or 0)
     try:
         source = log.follow(after=start) if args.follow else log.read(after=start)
         async for record in source:
@@ -382,7 +382,7 @@ def _tail_url(args: argparse.Namespace) -> int:
     try:
         with Client(_url(args)) as client:
             # Over the API, tail always follows; --after N replays from position N first.
-            for item in client.events(after=args.after if args.after else None,
+            for item in client.events(after=args.after,
                                       thread=args.thread, agent=args.agent, types=args.type):
                 if args.json:
                     out.write(json.dumps(item) + "\n")
@@ -506,7 +506,9 @@ def _parser() -> argparse.ArgumentParser:
     tail.add_argument("--thread", help="only events of this thread")
     tail.add_argument("--agent", help="only events naming this listener")
     tail.add_argument("--type", action="append", help="only events of this type (repeatable)")
-    tail.add_argument("--after", type=int, default=0, help="start after this position")
+    tail.add_argument("--after", type=int, default=None,
+                      help="start after this position (default: the start of a log directory; "
+                           "with --url, only new events)")
     tail.add_argument("--json", action="store_true", help="one JSON object per line")
     tail.add_argument("--url", help="follow a running organism over its API (always follows)")
     tail.set_defaults(run=lambda a: _tail_url(a) if a.url else asyncio.run(_tail(a)))

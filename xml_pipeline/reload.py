@@ -90,16 +90,30 @@ def watched_files(organism: Organism) -> set[Path]:
     return paths
 
 
+def _fingerprint(files: set[Path]) -> tuple[tuple[str, int, int], ...]:
+    marks = []
+    for path in sorted(files):
+        try:
+            stat = path.stat()
+            marks.append((str(path), stat.st_mtime_ns, stat.st_size))
+        except OSError:
+            marks.append((str(path), -1, -1))
+    return tuple(marks)
+
+
 async def watch(pump: Pump, *, stop: asyncio.Event, debounce_ms: int = 200,
                 on_result: Callable[[ReloadResult], None] | None = None) -> None:
     """Reload ``pump``'s organism whenever one of its files changes, until ``stop`` is set.
 
     Directories are watched (an editor's save-as-rename replaces the file), and changes are
-    debounced: a burst of writes within ``debounce_ms`` is one reload. When the set of files
-    changes (a schema added, say), the watch starts again on the new set.
+    debounced: a burst of writes within ``debounce_ms`` is one reload. The files' sizes and
+    times are also compared every half second, so that a change made while the watcher was
+    starting is not missed. A reload that changes nothing is not reported. When the set of
+    files changes (a schema added, say), the watch starts again on the new set.
     """
     import watchfiles
 
+    last: tuple[tuple[str, int, int], ...] | None = None
     while not stop.is_set():
         files = watched_files(pump.organism)
         folders = sorted({str(path.parent) for path in files})
@@ -111,8 +125,14 @@ async def watch(pump: Pump, *, stop: asyncio.Event, debounce_ms: int = 200,
         async for _changes in watchfiles.awatch(*folders, watch_filter=wanted,
                                                 debounce=debounce_ms, step=20,
                                                 stop_event=stop, recursive=False,
-                                                rust_timeout=500):
+                                                rust_timeout=500, yield_on_timeout=True):
+            current = _fingerprint(files)
+            if current == last:
+                continue
+            last = current
             result = await reload_organism(pump)
+            if result.success and not (result.added or result.removed or result.updated):
+                continue
             if result.success:
                 _log.info("organism reloaded: added %s, removed %s, updated %s",
                           list(result.added), list(result.removed), list(result.updated))

@@ -13,9 +13,10 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
 from typing import Any
 
-from xml_pipeline.errors import BusyError, LogError, PayloadError
+from xml_pipeline.errors import BudgetExhaustedError, BusyError, LogError, PayloadError
 from xml_pipeline.events import (
     Event,
     HandlerFailed,
@@ -34,12 +35,15 @@ from xml_pipeline.types import Clock
 __all__ = ["Deliverer"]
 
 SendFunction = Callable[[Listener, Delivery, str, Payload, bool], Awaitable[str | None]]
+AgentFunction = Callable[[Listener, Any, Context], Awaitable[None]]
+#: what ``call`` returns when the handler could not run for lack of budget
+PARKED = "\0parked"
 
 
 class Deliverer:
     def __init__(self, *, ledger: Ledger, clock: Clock, mailboxes: dict[str, Mailbox],
                  listeners: Callable[[], Mapping[str, Listener]], send: SendFunction,
-                 killed: set[str]) -> None:
+                 killed: set[str], agent: AgentFunction | None = None) -> None:
         self._ledger = ledger
         self._commit_soon = ledger.commit_soon
         self._outcome = ledger.outcome
@@ -49,6 +53,9 @@ class Deliverer:
         self._send = send
         self.in_handler: dict[str, tuple[asyncio.Task[Any], Delivery]] = {}
         self.killed = killed  # message ids cancelled by a thread kill (shared with routing)
+        self._agent = agent
+        #: thread id -> deliveries waiting for a budget raise (the call was not made)
+        self.parked: dict[str, list[tuple[str, Delivery]]] = {}
         self._loggers: dict[str, logging.Logger] = {}
 
     def thread_killed(self, thread_id: str) -> bool:
@@ -117,6 +124,9 @@ class Deliverer:
                                                 redelivery=delivery.redelivery)])
             started = time.perf_counter()
             error = await self.call(listener, delivery, attempt)
+            if error is PARKED:
+                self.parked.setdefault(delivery.thread_id, []).append((name, delivery))
+                return
             if delivery.message_id in self.killed:
                 self.killed.discard(delivery.message_id)
                 self._commit_soon([MessageDropped(at=self._clock(),
@@ -161,6 +171,8 @@ class Deliverer:
         ctx = Context(info=info, send=send, logger=self._logger(listener.name))
         delivery.sends = 0
         handler = listener.handler_fn
+        if handler is None and listener.agent is not None and self._agent is not None:
+            handler = partial(self._agent, listener)
         if handler is None:
             return f"Listener {listener.name!r} has no handler."
         task = asyncio.current_task()
@@ -176,6 +188,8 @@ class Deliverer:
             return None
         except TimeoutError:
             return f"The handler timed out after {listener.timeout:g}s."
+        except BudgetExhaustedError:
+            return PARKED  # BudgetExhausted is recorded; the thread waits for a raise
         except (BusyError, LogError):
             raise
         except Exception as exc:  # the handler's own failure, recorded with its text

@@ -21,6 +21,8 @@ with ``raise ... from exc``.
     │   └── ThreadClosedError           the thread was killed
     ├── BusyError                       try again later (backpressure, stopping)
     │   └── MailboxFullError
+    ├── BudgetExhaustedError            an LLM call would exceed a token budget
+    ├── AgentError                      an LLM agent could not produce a valid answer
     └── LogError                        the event log
         ├── LogLockedError              another process is writing to this log
         ├── LogCorruptedError           checksum or hash chain broken (names the position)
@@ -35,6 +37,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = [
+    "AgentError",
+    "BudgetExhaustedError",
     "BusyError",
     "EnvelopeError",
     "ForbiddenXmlError",
@@ -172,6 +176,21 @@ class BusyError(XmlPipelineError):
 
 class MailboxFullError(BusyError):
     code = "mailbox_full"
+
+
+class BudgetExhaustedError(XmlPipelineError):
+    """The call was not made: it would exceed the ``scope`` budget (``key``)."""
+
+    code = "budget_exhausted"
+
+    def __init__(self, message: str, *, scope: str, key: str) -> None:
+        super().__init__(message)
+        self.scope = scope
+        self.key = key
+
+
+class AgentError(XmlPipelineError):
+    code = "agent_error"
 
 
 class LogError(XmlPipelineError):

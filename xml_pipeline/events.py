@@ -22,6 +22,7 @@ __all__ = [
     "AgentResumed",
     "BudgetExhausted",
     "BudgetRaised",
+    "BudgetWarned",
     "CATALOGUE",
     "Event",
     "HandlerFailed",
@@ -32,6 +33,7 @@ __all__ = [
     "MessageDropped",
     "MessageRejected",
     "MessageRetried",
+    "ModelResponded",
     "OrganismLoaded",
     "OrganismReloaded",
     "OrganismStarted",
@@ -262,6 +264,31 @@ class BudgetRaised(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ModelResponded(Event):
+    """The full text of an LLM answer, so that a replay or redelivery never calls again.
+    ``key`` is ``<message id>#<step>`` (step 0 is the first call, then each correction)."""
+
+    key: str
+    message_id: str
+    thread_id: str
+    agent: str
+    model: str
+    text: str
+    stop_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BudgetWarned(Event):
+    """A budget crossed 75, 90 or 95 percent."""
+
+    scope: str
+    key: str
+    percent: int
+    used: int
+    limit: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class UsageReset(Event):
     by: str
 
@@ -275,8 +302,8 @@ CATALOGUE: dict[str, type[Event]] = {
         OrganismStarted, OrganismLoaded, OrganismReloaded, ReloadRejected, OrganismStopped,
         MessageAccepted, MessageRejected, MessageDelivered, HandlerSucceeded, HandlerFailed,
         MessageRetried, MessageDeadLettered, MessageDropped, AgentPaused, AgentResumed,
-        ThreadKilled, ThreadCompleted, TokensReserved, TokensUsed, BudgetExhausted,
-        BudgetRaised, UsageReset,
+        ThreadKilled, ThreadCompleted, TokensReserved, TokensUsed, ModelResponded,
+        BudgetExhausted, BudgetWarned, BudgetRaised, UsageReset,
     )
 }
 VERSIONS: dict[str, int] = dict.fromkeys(CATALOGUE, 1)

@@ -69,6 +69,9 @@ class AgentConfig:
     system: str
     max_tokens: int = 1024
     temperature: float | None = None
+    #: USD per million tokens, overriding the built-in price table for this agent
+    price_input: float | None = None
+    price_output: float | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -117,6 +120,7 @@ class Listener:
                 "system": self.agent.system,
                 "max_tokens": self.agent.max_tokens,
                 "temperature": self.agent.temperature,
+                "prices": {"input": self.agent.price_input, "output": self.agent.price_output},
             },
             "peers": list(self.peers),
             "concurrency": self.concurrency,
@@ -287,7 +291,8 @@ _LISTENER_BUDGET = ("thread_tokens", "agent_tokens")
 _LIMITS = ("max_bytes", "max_depth")
 _LISTENER = ("name", "description", "payload", "handler", "agent", "peers", "concurrency",
              "timeout", "retries", "budget")
-_AGENT = ("model", "system", "max_tokens", "temperature")
+_AGENT = ("model", "system", "max_tokens", "temperature", "prices")
+_PRICES = ("input", "output")
 _RETRIES = ("max", "backoff")
 
 
@@ -470,10 +475,21 @@ def _agent(doc: _Doc, raw: Any, path: tuple[Any, ...]) -> AgentConfig | None:
         doc.problem((*path, "temperature"), "agent.temperature must be a number from 0 to 1, "
                                             f"not {temperature!r}.")
         temperature = None
+    prices = _mapping(doc, value.get("prices"), (*path, "prices"), _PRICES)
+    price: dict[str, float | None] = {}
+    for key in _PRICES:
+        raw = prices.get(key)
+        if raw is not None and (isinstance(raw, bool) or not isinstance(raw, int | float)
+                                or raw < 0):
+            doc.problem((*path, "prices", key), f"agent.prices.{key} must be a price in USD per "
+                                                f"million tokens (a number), not {raw!r}.")
+            raw = None
+        price[key] = None if raw is None else float(raw)
     if model is None or system is None:
         return None
     return AgentConfig(model=model, system=system, max_tokens=max_tokens or 1024,
-                       temperature=None if temperature is None else float(temperature))
+                       temperature=None if temperature is None else float(temperature),
+                       price_input=price["input"], price_output=price["output"])
 
 
 def load_organism(path: str | Path) -> Organism:

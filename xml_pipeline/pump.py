@@ -38,6 +38,7 @@ from xml_pipeline.errors import (
 from xml_pipeline.events import (
     AgentPaused,
     AgentResumed,
+    BudgetRaised,
     Event,
     MessageAccepted,
     MessageDeadLettered,
@@ -55,6 +56,7 @@ from xml_pipeline.handlers import Payload
 from xml_pipeline.histogram import Histogram
 from xml_pipeline.ids import IdFactory
 from xml_pipeline.ledger import Ledger
+from xml_pipeline.llm import AgentRuntime
 from xml_pipeline.log import EventLog
 from xml_pipeline.log.file import FileLog
 from xml_pipeline.mailbox import Delivery, Mailbox
@@ -97,9 +99,13 @@ class Pump:
         killed: set[str] = set()  # message ids whose handler a thread kill cancelled
         self._router = Router(ledger=self._ledger, clock=clock, organism=lambda: self.organism,
                               mailboxes=self._mailboxes, killed=killed)
+        self._agents = AgentRuntime(ledger=self._ledger, clock=clock,
+                                    organism=lambda: self.organism)
         self._deliverer = Deliverer(ledger=self._ledger, clock=clock, mailboxes=self._mailboxes,
                                     listeners=lambda: self.organism.listeners,
-                                    send=self._router.send, killed=killed)
+                                    send=self._router.send, killed=killed,
+                                    agent=self._agents.handle)
+        self._ledger.observers.append(self._on_event)
 
     # ------------------------------------------------------------ state, through the ledger
 
@@ -196,6 +202,23 @@ class Pump:
             parent_id=info.parent_id, payload=parsed.payload, envelope=envelope.encode(),
             attempts=info.attempts), reserved=False)
         return True
+
+    async def raise_budget(self, scope: str, key: str, max_tokens: int, *, by: str) -> None:
+        """Set a budget's limit (``BudgetRaised``); threads it paused go on at once."""
+        await self._commit([BudgetRaised(at=self._clock(), scope=scope, key=key,
+                                         max_tokens=max_tokens, by=by)])
+
+    def _on_event(self, position: int, event: Event) -> None:
+        if isinstance(event, BudgetRaised):
+            parked = self._deliverer.parked
+            threads = ([event.key.partition("|")[0]] if event.scope in ("thread", "thread-agent")
+                       else list(parked))
+            for thread_id in threads:
+                for name, delivery in parked.pop(thread_id, []):
+                    mailbox = self._mailboxes.get(name)
+                    if mailbox is not None:
+                        delivery.attempts -= 1  # the refused call was not an attempt
+                        mailbox.put(delivery, reserved=False)
 
     async def reset_usage(self, *, by: str) -> None:
         await self._commit([UsageReset(at=self._clock(), by=by)])
@@ -323,7 +346,10 @@ class Pump:
         await self._commit([ThreadKilled(at=self._clock(), thread_id=thread_id, by=by,
                                          reason=reason)])
         self._ledger.closed(thread_id)
-        dropped: list[Event] = []
+        dropped: list[Event] = [
+            MessageDropped(at=self._clock(), message_id=delivery.message_id,
+                           thread_id=thread_id, reason="thread killed")
+            for _, delivery in self._deliverer.parked.pop(thread_id, [])]
         for mailbox in self._mailboxes.values():
             for delivery in mailbox.drop_thread(thread_id):
                 dropped.append(MessageDropped(at=self._clock(), message_id=delivery.message_id,

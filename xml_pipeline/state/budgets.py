@@ -16,7 +16,9 @@ import msgspec
 from xml_pipeline.events import (
     BudgetExhausted,
     BudgetRaised,
+    BudgetWarned,
     Event,
+    ModelResponded,
     OrganismLoaded,
     OrganismReloaded,
     TokensReserved,
@@ -80,6 +82,8 @@ class Budgets(msgspec.Struct, kw_only=True):
     listener_limits: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
     threads: dict[str, Gauge] = msgspec.field(default_factory=dict)
     agents: dict[str, Gauge] = msgspec.field(default_factory=dict)
+    #: "<thread id>|<agent>": one agent's tokens within one thread (its ``budget.thread_tokens``)
+    thread_agents: dict[str, Gauge] = msgspec.field(default_factory=dict)
     organism: Gauge = msgspec.field(default_factory=Gauge)
     reservations: dict[str, Reservation] = msgspec.field(default_factory=dict)
     usage: UsageTotals = msgspec.field(default_factory=UsageTotals)
@@ -87,6 +91,10 @@ class Budgets(msgspec.Struct, kw_only=True):
     usage_by_model: dict[str, UsageTotals] = msgspec.field(default_factory=dict)
     usage_by_thread: dict[str, UsageTotals] = msgspec.field(default_factory=dict)
     usage_since: float | None = None
+    #: "<message id>#<step>" -> log position of the ModelResponded holding that answer
+    responses: dict[str, int] = msgspec.field(default_factory=dict)
+    #: "<scope>:<key>" -> the highest warning level (75, 90, 95) recorded for it
+    warnings: dict[str, int] = msgspec.field(default_factory=dict)
 
     def thread_gauge(self, thread_id: str) -> Gauge:
         gauge = self.threads.get(thread_id)
@@ -102,6 +110,15 @@ class Budgets(msgspec.Struct, kw_only=True):
             gauge = Gauge(limit=limit if limit is not None else self.defaults.get("agent_tokens"))
             self.agents[agent] = gauge
         return gauge
+
+
+def thread_agent_gauge(state: Budgets, thread_id: str, agent: str) -> Gauge:
+    key = f"{thread_id}|{agent}"
+    gauge = state.thread_agents.get(key)
+    if gauge is None:
+        gauge = Gauge(limit=state.listener_limits.get(agent, {}).get("thread_tokens"))
+        state.thread_agents[key] = gauge
+    return gauge
 
 
 @singledispatch
@@ -136,7 +153,7 @@ def _(event: TokensReserved, state: Budgets, position: int) -> Budgets:
     state.reservations[event.reservation_id] = Reservation(
         thread_id=event.thread_id, agent=event.agent, tokens=event.tokens)
     for gauge in (state.thread_gauge(event.thread_id), state.agent_gauge(event.agent),
-                  state.organism):
+                  state.organism, thread_agent_gauge(state, event.thread_id, event.agent)):
         gauge.reserved += event.tokens
     return state
 
@@ -147,13 +164,14 @@ def _(event: TokensUsed, state: Budgets, position: int) -> Budgets:
     tokens = event.input_tokens + event.output_tokens
     thread = state.thread_gauge(event.thread_id)
     agent = state.agent_gauge(event.agent)
-    for gauge in (thread, agent, state.organism):
+    for gauge in (thread, agent, state.organism,
+                  thread_agent_gauge(state, event.thread_id, event.agent)):
         gauge.used += tokens
         gauge.prompt_tokens += event.input_tokens
         gauge.completion_tokens += event.output_tokens
     if held is not None:
         for gauge in (state.thread_gauge(held.thread_id), state.agent_gauge(held.agent),
-                      state.organism):
+                      state.organism, thread_agent_gauge(state, held.thread_id, held.agent)):
             gauge.reserved -= held.tokens
     state.usage.add(event)
     for table, key in ((state.usage_by_agent, event.agent), (state.usage_by_model, event.model),
@@ -165,27 +183,47 @@ def _(event: TokensUsed, state: Budgets, position: int) -> Budgets:
     return state
 
 
+def _gauge_of(state: Budgets, scope: str, key: str) -> Gauge | None:
+    if scope == "thread":
+        return state.thread_gauge(key)
+    if scope == "agent":
+        return state.agent_gauge(key)
+    if scope == "organism":
+        return state.organism
+    if scope == "thread-agent" and "|" in key:
+        thread_id, _, agent = key.partition("|")
+        return thread_agent_gauge(state, thread_id, agent)
+    return None
+
+
 @evolve.register
 def _(event: BudgetExhausted, state: Budgets, position: int) -> Budgets:
-    if event.scope == "thread":
-        state.thread_gauge(event.key).exhausted = True
-    elif event.scope == "agent":
-        state.agent_gauge(event.key).exhausted = True
-    else:
-        state.organism.exhausted = True
+    gauge = _gauge_of(state, event.scope, event.key)
+    if gauge is not None:
+        gauge.exhausted = True
     return state
 
 
 @evolve.register
 def _(event: BudgetRaised, state: Budgets, position: int) -> Budgets:
-    if event.scope == "thread":
-        gauge = state.thread_gauge(event.key)
-    elif event.scope == "agent":
-        gauge = state.agent_gauge(event.key)
-    else:
-        gauge = state.organism
-    gauge.limit = event.max_tokens
-    gauge.exhausted = False
+    gauge = _gauge_of(state, event.scope, event.key)
+    if gauge is not None:
+        gauge.limit = event.max_tokens
+        gauge.exhausted = False
+        state.warnings.pop(f"{event.scope}:{event.key}", None)
+    return state
+
+
+@evolve.register
+def _(event: ModelResponded, state: Budgets, position: int) -> Budgets:
+    state.responses.setdefault(event.key, position)
+    return state
+
+
+@evolve.register
+def _(event: BudgetWarned, state: Budgets, position: int) -> Budgets:
+    key = f"{event.scope}:{event.key}"
+    state.warnings[key] = max(state.warnings.get(key, 0), event.percent)
     return state
 
 

@@ -262,8 +262,12 @@ def _(event: BudgetExhausted, state: Threads, position: int) -> Threads:
 
 @evolve.register
 def _(event: BudgetRaised, state: Threads, position: int) -> Threads:
-    if event.scope == "thread":
-        thread = _touch(state, event.key, event.at)
+    if event.scope in ("thread", "thread-agent"):
+        thread = _touch(state, event.key.partition("|")[0], event.at)
         if thread is not None and thread.status == "paused":
             thread.status = "active"
+    else:  # an agent or organism budget: every thread it paused may go on
+        for thread in state.threads.values():
+            if thread.status == "paused":
+                thread.status = "active"
     return state

@@ -113,9 +113,9 @@ async def test_restart_gives_the_same_answers(organism: Organism, tmp_path: Path
         for k in range(3):
             await http.post("/inject", json={"to": "first", "payload": {"n": str(k)}})
         await http.post("/inject", json={"to": "failing", "payload": "<Item><n>x</n></Item>"})
-        before = {path: (await http.get(path)).json()
-                  for path in ("/threads", "/usage", "/usage/threads", "/dead-letters",
-                               "/organism/state")}
+        before = {path: (await http.get(path)).json()  # /organism/state first: it waits idle
+                  for path in ("/organism/state", "/threads", "/usage", "/usage/threads",
+                               "/dead-letters")}
     async with running_server(organism, data) as (base, _), client(base) as http:
         after = {path: (await http.get(path)).json()
                  for path in ("/threads", "/usage", "/usage/threads", "/dead-letters")}

@@ -49,3 +49,33 @@ async def test_inject_threads_dead_letters_and_reload(tmp_path: Path,
         code, _, err = await asyncio.to_thread(run, "reload")
         assert code == 1
         assert "The 'listeners:' list is missing" in err
+
+
+async def test_usage_shows_gauges(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.messages_stub import messages_stub
+    from tests.test_llm import SCRIPT, make
+
+    async with messages_stub() as stub:
+        monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", stub.url)
+        stub.script(*SCRIPT)
+        organism = make(tmp_path, thread_tokens=2000)
+        async with running_server(organism, tmp_path / "events") as (base, _):
+            def run(*argv: str) -> tuple[int, str]:
+                code = main([*argv, "--url", base])
+                return code, capsys.readouterr().out
+
+            code, out = await asyncio.to_thread(
+                run, "inject", "--to", "planner", "<Note><text>go</text></Note>", "--json")
+            thread = json.loads(out)["thread_id"]
+            await asyncio.to_thread(run, "threads")  # waits for nothing; just a call
+            import httpx
+            async with httpx.AsyncClient(base_url=base) as http:
+                await http.get("/api/v1/organism/state")
+            code, out = await asyncio.to_thread(run, "usage")
+    assert code == 0
+    assert out.splitlines()[0].startswith("usage since the start: 450 in, 48 out, 4 calls, $")
+    assert "  planner    [" in out and "no limit" in out
+    line = next(line for line in out.splitlines() if thread in line)
+    assert "498/2000  24.9%" in line

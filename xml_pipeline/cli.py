@@ -61,6 +61,11 @@ def _summary(organism: Organism) -> str:
         peers = ", ".join(listener.peers) or "(no peers)"
         lines.append(f"    {listener.name:<{width}}  <{listener.schema.root}>  {kind}  -> {peers}")
         lines.append(f"    {'':<{width}}  {listener.description}")
+    agents = [name for name, listener in organism.listeners.items() if listener.agent]
+    if agents and not os.environ.get("ANTHROPIC_API_KEY"):
+        lines.append(f"  warning: ANTHROPIC_API_KEY is not set, so the agents "
+                     f"{', '.join(agents)} cannot call the model; set it before "
+                     "'xml-pipeline run'.")
     return "\n".join(lines)
 
 
@@ -439,6 +444,51 @@ def _remote(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bar(used: int, limit: int | None, width: int = 24) -> str:
+    if not limit:
+        return "[" + " " * width + "]  no limit"
+    filled = min(width, round(width * used / limit))
+    percent = 100 * used / limit
+    return f"[{'#' * filled}{'-' * (width - filled)}] {used}/{limit} {percent:5.1f}%"
+
+
+def _usage(args: argparse.Namespace) -> int:
+    """Gas gauges: organism totals, each agent's budget, the hottest threads."""
+    from xml_pipeline.client import Client, ClientError
+
+    try:
+        with Client(_url(args)) as client:
+            usage = client.get("/usage")["usage"]
+            agents = client.get("/agents", limit=1000)["agents"]
+            per_agent = {a["name"]: client.get(f"/usage/agents/{a['name']}") for a in agents
+                         if a["kind"] == "agent"}
+            threads = client.get("/usage/threads", limit=args.threads)
+    except ClientError as exc:
+        print(exc.message, file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"usage": usage, "agents": per_agent, "threads": threads}))
+        return 0
+    totals = usage["totals"]
+    print(f"usage since {usage.get('since') or 'the start'}: {totals['prompt_tokens']} in, "
+          f"{totals['completion_tokens']} out, {totals['request_count']} calls, "
+          f"${totals['total_cost']:.4f}, {usage['active_threads']} active threads")
+    if per_agent:
+        print("agents:")
+        width = max(len(n) for n in per_agent)
+        for name, info in per_agent.items():
+            budget = info["budget"]
+            print(f"  {name:<{width}} {_bar(budget['total_tokens'], budget['max_tokens'])}"
+                  f"  ${info['total_cost']:.4f}{'  EXHAUSTED' if budget['is_exhausted'] else ''}")
+    if threads["threads"]:
+        print(f"threads (hottest first, {threads['count']} of {threads['total']}; default "
+              f"limit {threads['default_max_tokens']}):")
+        for t in threads["threads"]:
+            flag = "  EXHAUSTED" if t["is_exhausted"] else ""
+            print(f"  {t['thread_id']} {_bar(t['total_tokens'], t['max_tokens'])}{flag}")
+    return 0
+
+
 # ------------------------------------------------------------------ entry point
 
 
@@ -490,6 +540,12 @@ def _parser() -> argparse.ArgumentParser:
     dead.add_argument("--url", help=url_help)
     dead.add_argument("--json", action="store_true", help="machine-readable output")
     dead.set_defaults(run=_remote)
+
+    usage = commands.add_parser("usage", help="token usage and budgets (gas gauges)")
+    usage.add_argument("--threads", type=int, default=10, help="how many threads to show")
+    usage.add_argument("--url", help=url_help)
+    usage.add_argument("--json", action="store_true", help="machine-readable output")
+    usage.set_defaults(run=_usage)
 
     rep = commands.add_parser("replay", help="rebuild state from the log and summarise it")
     rep.add_argument("--data", help=DATA_HELP)

@@ -8,6 +8,8 @@ exactly (build, parse, validate, compare).
 
 from __future__ import annotations
 
+from typing import Any
+
 import re
 import time
 from copy import deepcopy
@@ -204,7 +206,12 @@ def format_timestamp(seconds: float) -> str:
 
     ``seconds`` (since the Unix epoch) is rounded to the nearest millisecond."""
     whole, millis = divmod(round(seconds * 1000), 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{millis:03d}Z"
+    if whole != _second[0]:  # one strftime per second, not per message
+        _second[0], _second[1] = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+    return f"{_second[1]}.{millis:03d}Z"
+
+
+_second: list[Any] = [None, ""]
 
 
 def serialize_payload(payload: etree._Element) -> bytes:

@@ -172,6 +172,8 @@ class Ledger:
         return [*events, ThreadCompleted(at=self._clock(), thread_id=thread_id)]
 
     def notify(self) -> None:
-        self.signal.set()
-        self.signal = asyncio.Event()
+        """Wake whoever waits for a change (an event nobody waits on needs no replacing)."""
+        if getattr(self.signal, "_waiters", True):
+            self.signal.set()
+            self.signal = asyncio.Event()
 

@@ -90,9 +90,11 @@ class Mailbox:
         self._notify()
 
     def _notify(self) -> None:
-        # Wake every waiter; each re-checks its own condition against a fresh signal.
-        self._signal.set()
-        self._signal = asyncio.Event()
+        # Wake every waiter; each re-checks its own condition against a fresh signal. An
+        # event nobody waits on needs no replacing.
+        if getattr(self._signal, "_waiters", True):
+            self._signal.set()
+            self._signal = asyncio.Event()
 
     # -- workers
 

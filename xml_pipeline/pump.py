@@ -383,7 +383,8 @@ class Pump:
                 await self._signal.wait()
 
         try:
-            await asyncio.wait_for(in_flight_done(), self._stop_timeout)
+            async with asyncio.timeout(self._stop_timeout):
+                await in_flight_done()
         except TimeoutError:
             _log.warning("stopping: %d handlers still running after %gs; cancelling them",
                          len(self._deliverer.in_handler), self._stop_timeout)

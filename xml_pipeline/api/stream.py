@@ -1,17 +1,13 @@
 """The live tail of the event log: ``GET /events`` (Server-Sent Events) and ``WS /ws``.
 
-Every stream reads the log itself (``log.follow``) and pulls the next record only once the
-previous one is written, so a slow client never blocks the pump and nothing piles up in memory
-for it. Each event is sent as ``{"position", "type", "at" (RFC 3339), "data": {its fields}}``,
-in position order; filters (thread, agent, types) skip records without changing positions.
+Each stream reads the log itself (``log.follow``), pulling a record only once the previous one
+is written: a slow client never blocks the pump and nothing piles up in memory for it. Events go
+out in position order as ``{"position", "type", "at" (RFC 3339), "data": {its fields}}``.
+A client that falls ``MAX_LAG`` records further behind the log than the closest it has been is
+told where to resume (``lagging``) and disconnected; replaying from far back is not lagging.
 
-A client that falls more than ``MAX_LAG`` records further behind the log than the closest it
-has been is told so (``lagging``, with the position to resume after) and disconnected; one that
-starts far back to replay history is not lagging as long as it catches up.
-
-Servers wait for open responses before running the lifespan's shutdown, so whoever runs the
-server calls ``close_streams(app)`` when shutdown begins: SSE streams then end their response
-and WebSockets close with 1001. Streams also end when the log closes.
+Servers wait for open responses before the lifespan's shutdown, so whoever runs the server
+calls ``close_streams(app)`` as shutdown begins. Streams also end when the log closes.
 """
 
 from __future__ import annotations
@@ -51,6 +47,8 @@ _LAGGING = "lagging"
 _AGENT_FIELDS = ("listener", "agent", "sender", "to")
 _OPTIONS = ("after", "thread", "agent", "types")
 _encode = msgspec.json.Encoder().encode
+_LINE_BREAKS = ((b"\xc2\x85", b"\\u0085"), (b"\xe2\x80\xa8", b"\\u2028"),
+                (b"\xe2\x80\xa9", b"\\u2029"))
 _Gone = (WebSocketDisconnect, WebSocketDisconnected)
 
 
@@ -137,19 +135,12 @@ class _Filter:
     def _in_thread(self, event: Event, thread: str) -> bool:
         thread_id = getattr(event, "thread_id", None)
         message_id = getattr(event, "message_id", None)
-        if thread_id is not None:
-            if thread_id == thread and message_id is not None:
-                self._messages.add(message_id)
-            return bool(thread_id == thread)
-        if message_id is None:
-            return False
-        if message_id in self._messages:
-            return True
-        info = self._pump.state.threads.messages.get(message_id)
-        if info is not None and info.thread_id == thread:
+        if thread_id is None and message_id is not None:
+            info = self._pump.state.threads.messages.get(message_id)
+            thread_id = thread if message_id in self._messages else info and info.thread_id
+        if thread_id == thread and message_id is not None:
             self._messages.add(message_id)
-            return True
-        return False
+        return bool(thread_id == thread)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,8 +152,13 @@ class _Item:
 
 def _body(record: Recorded) -> bytes:
     event = record.event
-    return _encode({"position": record.position, "type": type(event).__name__,
+    data = _encode({"position": record.position, "type": type(event).__name__,
                     "at": format_timestamp(event.at), "data": event})
+    # JSON leaves these unescaped, yet str.splitlines() (and so some SSE clients) ends a
+    # line at each; escaped, a frame's data is always one line for every reader.
+    for raw, escaped in _LINE_BREAKS:
+        data = data.replace(raw, escaped)
+    return data
 
 
 async def _items(pump: Pump, wanted: Subscription) -> AsyncGenerator[_Item, None]:
@@ -171,9 +167,12 @@ async def _items(pump: Pump, wanted: Subscription) -> AsyncGenerator[_Item, None
     log = pump.log
     accepts = _Filter(pump, wanted)
     closest: int | None = None
+    task = asyncio.current_task()
     records = log.follow(wanted.after)
     try:
         async for record in records:
+            if task is not None and task.cancelling():
+                return  # a cancellation that follow() swallowed (wait_for in Python 3.11)
             last = log.last_position
             behind = last - record.position
             closest = behind if closest is None else min(closest, behind)
@@ -254,7 +253,9 @@ class _EventStream(Response):
             while True:
                 written.clear()
                 try:
-                    await asyncio.wait_for(written.wait(), KEEPALIVE_INTERVAL)
+                    # Not wait_for: in 3.11 it can swallow a cancellation that races a wake-up.
+                    async with asyncio.timeout(KEEPALIVE_INTERVAL):
+                        await written.wait()
                 except TimeoutError:
                     await send(_chunk(b": keepalive\n\n"))
 

@@ -413,8 +413,11 @@ class FileLog:
             # process's appends are only seen by polling, and a pass that found nothing
             # must never spin without yielding to the loop.
             if self.readonly or count == 0 or reader.next_position > self._durable:
+                # asyncio.timeout, not wait_for: wait_for (3.11) can swallow a cancellation
+                # that lands in the same turn as the wake-up.
                 with suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), _POLL_INTERVAL)
+                    async with asyncio.timeout(_POLL_INTERVAL):
+                        await changed.wait()
 
     def statistics(self) -> LogStatistics:
         writer = self._writer

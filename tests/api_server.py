@@ -26,7 +26,9 @@ async def running_server(organism: Organism, data: Path, *, token: str | None = 
     server = uvicorn.Server(cfg)
     # A socket that listens already: clients may connect at once; the kernel holds their
     # connections until the server (after its lifespan has started the pump) accepts them.
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio turns Nagle off (TCP_NODELAY) only on sockets that say they
+    # are TCP, and with Nagle on every keep-alive request waits 40 ms for a delayed ACK.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)

@@ -8,13 +8,12 @@ exactly (build, parse, validate, compare).
 
 from __future__ import annotations
 
-from typing import Any
-
 import re
 import time
 from copy import deepcopy
 from dataclasses import dataclass
 from importlib import resources
+from typing import Any
 
 from lxml import etree
 

@@ -17,15 +17,14 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Mount, Route
-from starlette.schemas import SchemaGenerator
 
-import xml_pipeline
 from xml_pipeline.api import commands, stream, views
 from xml_pipeline.api.auth import AuthMiddleware, BodyLimitMiddleware, RequestIdMiddleware
 from xml_pipeline.api.metrics import Observer, metrics
+from xml_pipeline.api.openapi import document
 from xml_pipeline.api.responses import ApiError, JSONResponse, error_response
 from xml_pipeline.errors import XmlPipelineError
 from xml_pipeline.log.file import open_file_log
@@ -35,16 +34,6 @@ from xml_pipeline.pump import open_pump
 __all__ = ["create_app"]
 
 _log = logging.getLogger("xml_pipeline.api")
-
-_OPENAPI_BASE: dict[str, Any] = {
-    "openapi": "3.0.3",
-    "info": {"title": "xml-pipeline", "version": xml_pipeline.__version__,
-             "description": "Introspection, injection, control and live tail of a running "
-                            "xml-pipeline organism."},
-    "servers": [{"url": "/api/v1"}],
-    "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
-    "security": [{"bearer": []}],
-}
 
 
 async def health(request: Request) -> Response:
@@ -57,9 +46,11 @@ async def health(request: Request) -> Response:
 
 
 async def openapi(request: Request) -> Response:
-    """The OpenAPI document, generated from the routes' docstrings."""
-    schema = SchemaGenerator(_OPENAPI_BASE).get_schema(routes=_api_routes())
-    return JSONResponse(schema)
+    """The OpenAPI document, generated from the routes' docstrings (once per application)."""
+    state = request.app.state
+    if getattr(state, "openapi", None) is None:
+        state.openapi = document(_api_routes())
+    return JSONResponse(state.openapi)
 
 
 def _api_routes() -> list[Any]:
@@ -84,6 +75,13 @@ async def _http_error(request: Request, exc: Exception) -> Response:
                    exc.status_code, str(exc.detail))
     return error_response(request, ApiError(code, message, status=exc.status_code,
                                             headers=exc.headers))
+
+
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    # The client hung up while sending its body: the answer reaches nobody, and nothing broke.
+    return error_response(request, ApiError(
+        "client_disconnected", "The client disconnected before sending the whole request body; "
+                               "send it again."))
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
@@ -136,6 +134,7 @@ def create_app(organism: Organism, *, data: Path | None = None, token: str | Non
         ApiError: _api_error,
         XmlPipelineError: _bus_error,
         HTTPException: _http_error,
+        ClientDisconnect: _client_gone,
         Exception: _internal_error,
     }
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,

@@ -8,6 +8,8 @@ recorded as ``MessageRejected``.
 from __future__ import annotations
 
 import json
+import re
+import sys
 from typing import Any
 
 from starlette.requests import Request
@@ -36,10 +38,10 @@ def _caller(request: Request) -> str:
         else "api"
 
 
-async def _body(request: Request, pump: Pump) -> bytes:
+async def _body(request: Request, pump: Pump, chunks: list[bytes]) -> bytes:
+    """The request body, read into ``chunks`` (so that a refusal can record what came)."""
     limit = pump.organism.limits.max_bytes
     declared = request.headers.get("content-length")
-    chunks: list[bytes] = []
     seen = 0
     if declared is not None and declared.isdigit() and int(declared) > limit:
         async for chunk in request.stream():  # keep the first part, as evidence for the log
@@ -50,10 +52,10 @@ async def _body(request: Request, pump: Pump) -> bytes:
                                f"{limit} bytes; send a smaller message.")
     async for chunk in request.stream():
         seen += len(chunk)
+        chunks.append(chunk)
         if seen > limit:
             raise XmlTooLargeError(f"The request body is over the limit of {limit} bytes; "
                                    "send a smaller message.")
-        chunks.append(chunk)
     return b"".join(chunks)
 
 
@@ -63,41 +65,54 @@ async def inject(request: Request) -> Response:
     with ``?to=`` (``?thread_id=``, and the ``Idempotency-Key`` header). Answers once durable.
     ---
     parameters:
-      - {name: to, in: query, schema: {type: string}}
-      - {name: thread_id, in: query, schema: {type: string}}
-      - {name: Idempotency-Key, in: header, schema: {type: string}}
+      - {name: to, in: query, description: "the listener a bare XML payload is for",
+         schema: {type: string}}
+      - {name: thread_id, in: query, description: "the thread a bare XML payload joins",
+         schema: {type: string}}
+      - {name: Idempotency-Key, in: header, description: "the same key is accepted once (XML)",
+         schema: {type: string}}
     requestBody:
+      required: true
       content:
         application/json:
           schema:
             type: object
+            additionalProperties: false
             required: [to, payload]
             properties:
-              to: {type: string}
-              payload: {oneOf: [{type: string}, {type: object}]}
-              thread_id: {type: string}
-              idempotency_key: {type: string}
-        application/xml: {schema: {type: string}}
+              to: {type: string, minLength: 1, description: "a listener's name"}
+              payload:
+                oneOf:
+                  - {type: string, minLength: 1, description: "the payload as XML text"}
+                  - {type: object, minProperties: 1, description: "the payload's elements"}
+              thread_id: {type: string, nullable: true}
+              idempotency_key: {type: string, nullable: true}
+          example: {to: summarizer, payload: "<Text><body>Hello</body></Text>"}
+        application/xml:
+          schema: {type: string, description: "a full envelope, or a bare payload with ?to="}
+        text/xml:
+          schema: {type: string, description: "a full envelope, or a bare payload with ?to="}
     responses:
-      "202": {description: "accepted and durable: {thread_id, message_id}"}
-      "400": {description: "malformed or hostile XML, bad JSON, bad envelope"}
-      "404": {description: "unknown listener"}
-      "409": {description: "the thread was killed"}
-      "413": {description: "body too large"}
-      "415": {description: "unsupported content type"}
-      "422": {description: "payload does not match the listener's schema"}
-      "429": {description: "the listener's mailbox is full; retry after Retry-After"}
-      "503": {description: "stopping, or the log cannot be written"}
+      "202": {$ref: "#/components/responses/Injected"}
+      "400": {$ref: "#/components/responses/BadRequest"}
+      "404": {$ref: "#/components/responses/NotFound"}
+      "409": {$ref: "#/components/responses/Conflict"}
+      "413": {$ref: "#/components/responses/TooLarge"}
+      "415": {$ref: "#/components/responses/UnsupportedMediaType"}
+      "422": {$ref: "#/components/responses/Unprocessable"}
+      "429": {$ref: "#/components/responses/TooManyRequests"}
+      "503": {$ref: "#/components/responses/Unavailable"}
     """
     pump = _pump(request)
     sender = "api"
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     to = request.query_params.get("to")
     thread_id = request.query_params.get("thread_id")
-    key = request.headers.get("idempotency-key")
+    key = request.headers.get("idempotency-key") or None  # an empty header is no key
+    chunks: list[bytes] = []
     raw: bytes = b""
     try:
-        raw = await _body(request, pump)
+        raw = await _body(request, pump, chunks)
         if content_type == "application/json":
             data: Any = _json_request(raw)
             to, thread_id, key = data["to"], data.get("thread_id"), data.get("idempotency_key")
@@ -110,7 +125,7 @@ async def inject(request: Request) -> Response:
                            "application/json or application/xml.",
                            details={"accepted": ["application/json", *_XML_TYPES]})
     except XmlPipelineError as exc:
-        await pump.reject_input(exc, raw=raw, sender=sender, to=to)
+        await pump.reject_input(exc, raw=raw or b"".join(chunks), sender=sender, to=to)
         raise
     except ApiError as exc:
         await pump.reject_input(XmlPipelineError(exc.message), raw=raw, sender=sender, to=to,
@@ -123,10 +138,7 @@ async def inject(request: Request) -> Response:
 
 
 def _json_request(raw: bytes) -> dict[str, Any]:
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError("invalid_json", f"The body is not valid JSON: {exc}.") from exc
+    data = _parse_json(raw)
     if not isinstance(data, dict):
         raise ApiError("invalid_request", "The JSON body must be an object with 'to' and "
                                           "'payload'.")
@@ -138,21 +150,83 @@ def _json_request(raw: bytes) -> dict[str, Any]:
     for key in ("thread_id", "idempotency_key"):
         if data.get(key) is not None and not isinstance(data[key], str):
             problems.append(f"'{key}' must be a string")
+    if data.get("idempotency_key") == "":
+        problems.append("'idempotency_key' must not be empty (leave it out for none)")
     unknown = sorted(set(data) - {"to", "payload", "thread_id", "idempotency_key"})
     if unknown:
-        problems.append(f"unknown field(s): {', '.join(unknown)}")
+        problems.append(f"unknown field(s): {', '.join(map(repr, unknown))}")
     if problems:
         raise ApiError("invalid_request", "The JSON body is not valid: " + "; ".join(problems)
                        + ".", details={"problems": problems})
     return data
 
 
+def _parse_json(raw: bytes) -> Any:
+    """The JSON document in ``raw``; raises ``ApiError("invalid_json")`` saying what is wrong
+    and where. Its strings are Unicode text: a lone surrogate escape (``"\\ud800"``) is refused
+    here, since the log could not store it nor a response carry it."""
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ApiError("invalid_json",
+                       f"The body is not valid JSON: {exc.msg} at line {exc.lineno}, column "
+                       f"{exc.colno}; send one JSON object with 'to' and 'payload'.",
+                       details={"line": exc.lineno, "column": exc.colno}) from exc
+    except UnicodeDecodeError as exc:
+        raise ApiError("invalid_json",
+                       f"The body is not valid JSON: byte {exc.object[exc.start]:#04x} at "
+                       f"offset {exc.start} is not {exc.encoding}; send the JSON in UTF-8.",
+                       details={"offset": exc.start}) from exc
+    except RecursionError as exc:
+        raise ApiError("invalid_json",
+                       "The body is not valid JSON: its arrays or objects nest too deeply to "
+                       "parse; send a flatter document.") from exc
+    except ValueError as exc:  # a number with more digits than int() converts
+        raise ApiError("invalid_json",
+                       f"The body has a number of more than {sys.get_int_max_str_digits()} "
+                       "digits; send it as a string.") from exc
+    where = _lone_surrogate(data)
+    if where is not None:
+        raise ApiError("invalid_json",
+                       f"The JSON body has a lone surrogate (an escape from \\ud800 to \\udfff "
+                       f"without its pair) in {where}; send valid Unicode text.",
+                       details={"field": where})
+    return data
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogate(data: Any) -> str | None:
+    """Where a string or key holding a lone surrogate is in ``data`` (``'payload.n[0]'``, ``the
+    key 'payload.x'``, ``the body``), or None. Iterative: the document may nest deeply."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        place, value = stack.pop()
+        if isinstance(value, str) and _SURROGATE.search(value):
+            return f"'{place}'" if place else "the body"
+        if isinstance(value, dict):
+            for key, item in value.items():
+                name = key.encode("utf-8", "backslashreplace").decode("utf-8")
+                inner = f"{place}.{name}" if place else name
+                if _SURROGATE.search(key):
+                    return f"the key '{inner}'"
+                stack.append((inner, item))
+        elif isinstance(value, list):
+            stack.extend((f"{place}[{index}]", item) for index, item in enumerate(value))
+    return None
+
+
 async def pause(request: Request) -> Response:
     """Pause an agent: it receives nothing until resumed; its messages wait in order.
     ---
-    parameters: [{name: name, in: path, required: true, schema: {type: string}}]
-    responses: {"200": {description: "{success, agent, state}"},
-                "404": {description: "no such agent"}}
+    parameters:
+      - {$ref: "#/components/parameters/agent"}
+      - {$ref: "#/components/parameters/client_name"}
+    responses:
+      "200": {$ref: "#/components/responses/AgentState"}
+      "404": {$ref: "#/components/responses/NotFound"}
+      "503": {$ref: "#/components/responses/Unavailable"}
     """
     name = request.path_params["name"]
     state = await _pump(request).pause(name, by=_caller(request))
@@ -162,9 +236,13 @@ async def pause(request: Request) -> Response:
 async def resume(request: Request) -> Response:
     """Resume a paused agent; its waiting messages are delivered in order.
     ---
-    parameters: [{name: name, in: path, required: true, schema: {type: string}}]
-    responses: {"200": {description: "{success, agent, state}"},
-                "404": {description: "no such agent"}}
+    parameters:
+      - {$ref: "#/components/parameters/agent"}
+      - {$ref: "#/components/parameters/client_name"}
+    responses:
+      "200": {$ref: "#/components/responses/AgentState"}
+      "404": {$ref: "#/components/responses/NotFound"}
+      "503": {$ref: "#/components/responses/Unavailable"}
     """
     name = request.path_params["name"]
     state = await _pump(request).resume(name, by=_caller(request))
@@ -174,9 +252,13 @@ async def resume(request: Request) -> Response:
 async def kill(request: Request) -> Response:
     """Kill a thread: drop its queued messages, cancel its handlers, accept nothing more.
     ---
-    parameters: [{name: thread_id, in: path, required: true, schema: {type: string}}]
-    responses: {"200": {description: "{success, thread_id}"},
-                "404": {description: "no such thread"}}
+    parameters:
+      - {$ref: "#/components/parameters/thread_id"}
+      - {$ref: "#/components/parameters/client_name"}
+    responses:
+      "200": {$ref: "#/components/responses/Killed"}
+      "404": {$ref: "#/components/responses/NotFound"}
+      "503": {$ref: "#/components/responses/Unavailable"}
     """
     thread_id = request.path_params["thread_id"]
     if not await _pump(request).kill_thread(thread_id, by=_caller(request)):
@@ -188,8 +270,12 @@ async def kill(request: Request) -> Response:
 async def reload(request: Request) -> Response:
     """Reload organism.yaml: validate fully, then swap; a bad file changes nothing.
     ---
-    responses: {"200": {description: "{success, added, removed, updated, error}"},
-                "422": {description: "the new organism is not valid; the old one still runs"}}
+    responses:
+      "200": {$ref: "#/components/responses/Reloaded"}
+      "422":
+        description: "the new organism is not valid; the old one still runs"
+        content: {application/json: {schema: {$ref: "#/components/schemas/Reloaded"}}}
+      "503": {$ref: "#/components/responses/Unavailable"}
     """
     result = await reload_organism(_pump(request))
     body = {"success": result.success, "added": list(result.added),
@@ -201,7 +287,8 @@ async def reload(request: Request) -> Response:
 async def stop(request: Request) -> Response:
     """Stop the organism gracefully (in-flight handlers finish, then the server exits).
     ---
-    responses: {"202": {description: "{success}"}}
+    responses:
+      "202": {$ref: "#/components/responses/Success"}
     """
     request.app.state.stop.set()
     return JSONResponse({"success": True}, status_code=202)
@@ -210,7 +297,10 @@ async def stop(request: Request) -> Response:
 async def usage_reset(request: Request) -> Response:
     """Restart the usage totals (recorded as UsageReset; budgets and history are kept).
     ---
-    responses: {"200": {description: "{success}"}}
+    parameters: [{$ref: "#/components/parameters/client_name"}]
+    responses:
+      "200": {$ref: "#/components/responses/Success"}
+      "503": {$ref: "#/components/responses/Unavailable"}
     """
     await _pump(request).reset_usage(by=_caller(request))
     return JSONResponse({"success": True})
@@ -219,9 +309,14 @@ async def usage_reset(request: Request) -> Response:
 async def retry(request: Request) -> Response:
     """Deliver a dead-lettered message again.
     ---
-    parameters: [{name: message_id, in: path, required: true, schema: {type: string}}]
-    responses: {"200": {description: "{success, message_id}"},
-                "404": {description: "not a dead letter"}}
+    parameters:
+      - {name: message_id, in: path, required: true, schema: {type: string}}
+      - {$ref: "#/components/parameters/client_name"}
+    responses:
+      "200": {$ref: "#/components/responses/Retried"}
+      "404": {$ref: "#/components/responses/NotFound"}
+      "409": {$ref: "#/components/responses/Conflict"}
+      "503": {$ref: "#/components/responses/Unavailable"}
     """
     message_id = request.path_params["message_id"]
     if not await _pump(request).retry_dead_letter(message_id, by=_caller(request)):

@@ -36,6 +36,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "invalid_xml": 400,
     "invalid_json": 400,
     "invalid_request": 400,
+    "client_disconnected": 400,
     "unauthorized": 401,
     "undeclared_peer": 403,
     "not_found": 404,
@@ -113,8 +114,9 @@ def _int(conn: HTTPConnection, name: str, default: int, low: int, high: int) -> 
     if raw is None:
         return default
     try:
-        value = int(raw)
-    except ValueError:
+        # ASCII digits only: int() would also take " 5", "5_0" and "\u0665".
+        value = int(raw) if raw.isascii() and raw.isdigit() else low - 1
+    except ValueError:  # more digits than int() converts
         value = low - 1
     if not low <= value <= high:
         raise ApiError("invalid_request",

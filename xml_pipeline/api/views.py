@@ -47,7 +47,8 @@ def _listener(pump: Pump, name: str) -> Listener:
 async def organism(request: Request) -> Response:
     """The running organism.
     ---
-    responses: {"200": {description: "name, status, log position, reload counters"}}
+    responses:
+      "200": {$ref: "#/components/responses/Organism"}
     """
     pump = _pump(request)
     agents = pump.state.agents
@@ -64,7 +65,8 @@ async def organism(request: Request) -> Response:
 async def organism_config(request: Request) -> Response:
     """The organism.yaml in force.
     ---
-    responses: {"200": {description: "path, digest and YAML source"}}
+    responses:
+      "200": {$ref: "#/components/responses/OrganismConfig"}
     """
     pump = _pump(request)
     return JSONResponse({"path": str(pump.organism.path), "digest": pump.organism.digest,
@@ -75,7 +77,8 @@ async def organism_state(request: Request) -> Response:
     """The fingerprint of the live state, to compare with ``xml-pipeline replay`` (which
     rebuilds it from the log). Waits (up to 10 s) until nothing is in flight.
     ---
-    responses: {"200": {description: "{position, digest, idle}"}}
+    responses:
+      "200": {$ref: "#/components/responses/OrganismState"}
     """
     pump = _pump(request)
     idle = True
@@ -107,9 +110,11 @@ async def capabilities(request: Request) -> Response:
     """What each listener accepts, for clients and LLM prompts.
     ---
     parameters:
-      - {name: limit, in: query, schema: {type: integer, minimum: 1, maximum: 1000}}
-      - {name: offset, in: query, schema: {type: integer, minimum: 0}}
-    responses: {"200": {description: "capabilities list"}, "400": {description: "bad query"}}
+      - {$ref: "#/components/parameters/limit"}
+      - {$ref: "#/components/parameters/offset"}
+    responses:
+      "200": {$ref: "#/components/responses/Capabilities"}
+      "400": {$ref: "#/components/responses/BadRequest"}
     """
     pump = _pump(request)
     limit, offset = page(request)
@@ -121,8 +126,10 @@ async def capabilities(request: Request) -> Response:
 async def capability(request: Request) -> Response:
     """One listener's capability, with its XSD and an example payload.
     ---
-    parameters: [{name: name, in: path, required: true, schema: {type: string}}]
-    responses: {"200": {description: "capability"}, "404": {description: "no such listener"}}
+    parameters: [{$ref: "#/components/parameters/agent"}]
+    responses:
+      "200": {$ref: "#/components/responses/Capability"}
+      "404": {$ref: "#/components/responses/NotFound"}
     """
     pump = _pump(request)
     return JSONResponse(_capability(_listener(pump, request.path_params["name"]), full=True))
@@ -150,9 +157,11 @@ async def agents(request: Request) -> Response:
     """Every listener with its state (running or paused) and counters.
     ---
     parameters:
-      - {name: limit, in: query, schema: {type: integer, minimum: 1, maximum: 1000}}
-      - {name: offset, in: query, schema: {type: integer, minimum: 0}}
-    responses: {"200": {description: "agents list"}, "400": {description: "bad query"}}
+      - {$ref: "#/components/parameters/limit"}
+      - {$ref: "#/components/parameters/offset"}
+    responses:
+      "200": {$ref: "#/components/responses/Agents"}
+      "400": {$ref: "#/components/responses/BadRequest"}
     """
     pump = _pump(request)
     limit, offset = page(request)
@@ -164,8 +173,10 @@ async def agents(request: Request) -> Response:
 async def agent(request: Request) -> Response:
     """One listener's state and counters.
     ---
-    parameters: [{name: name, in: path, required: true, schema: {type: string}}]
-    responses: {"200": {description: "agent"}, "404": {description: "no such agent"}}
+    parameters: [{$ref: "#/components/parameters/agent"}]
+    responses:
+      "200": {$ref: "#/components/responses/Agent"}
+      "404": {$ref: "#/components/responses/NotFound"}
     """
     pump = _pump(request)
     return JSONResponse(_agent(pump, _listener(pump, request.path_params["name"])))
@@ -174,8 +185,10 @@ async def agent(request: Request) -> Response:
 async def agent_config(request: Request) -> Response:
     """One listener's configuration as loaded from organism.yaml.
     ---
-    parameters: [{name: name, in: path, required: true, schema: {type: string}}]
-    responses: {"200": {description: "configuration"}, "404": {description: "no such agent"}}
+    parameters: [{$ref: "#/components/parameters/agent"}]
+    responses:
+      "200": {$ref: "#/components/responses/AgentConfig"}
+      "404": {$ref: "#/components/responses/NotFound"}
     """
     pump = _pump(request)
     return JSONResponse(_listener(pump, request.path_params["name"]).summary())
@@ -184,9 +197,12 @@ async def agent_config(request: Request) -> Response:
 async def agent_schema(request: Request) -> Response:
     """One listener's payload XSD, as text.
     ---
-    parameters: [{name: name, in: path, required: true, schema: {type: string}}]
-    responses: {"200": {description: "the XSD", content: {application/xml: {}}},
-                "404": {description: "no such agent"}}
+    parameters: [{$ref: "#/components/parameters/agent"}]
+    responses:
+      "200":
+        description: "the XSD"
+        content: {application/xml: {schema: {type: string}}}
+      "404": {$ref: "#/components/responses/NotFound"}
     """
     pump = _pump(request)
     listener = _listener(pump, request.path_params["name"])
@@ -215,17 +231,21 @@ async def threads(request: Request) -> Response:
     parameters:
       - {name: status, in: query, schema: {type: string,
          enum: [active, completed, failed, killed, paused]}}
-      - {name: agent, in: query, schema: {type: string}}
-      - {name: limit, in: query, schema: {type: integer, minimum: 1, maximum: 1000}}
-      - {name: offset, in: query, schema: {type: integer, minimum: 0}}
-    responses: {"200": {description: "threads list"}, "400": {description: "bad query"}}
+      - {name: agent, in: query, description: "only threads this listener took part in",
+         schema: {type: string}}
+      - {$ref: "#/components/parameters/limit"}
+      - {$ref: "#/components/parameters/offset"}
+    responses:
+      "200": {$ref: "#/components/responses/Threads"}
+      "400": {$ref: "#/components/responses/BadRequest"}
     """
     pump = _pump(request)
     limit, offset = page(request)
     status = request.query_params.get("status")
     if status is not None and status not in _STATUSES:
-        raise ApiError("invalid_request", f"status must be one of {', '.join(_STATUSES)}, "
-                                          f"not {status!r}.", details={"parameter": "status"})
+        raise ApiError("invalid_request", f"The query parameter 'status' must be one of "
+                                          f"{', '.join(_STATUSES)}, not {status!r}.",
+                       details={"parameter": "status"})
     agent_name = request.query_params.get("agent")
     found = [t for t in pump.state.threads.threads.values()
              if (status is None or t.status == status)
@@ -246,8 +266,10 @@ def _find_thread(pump: Pump, thread_id: str) -> ThreadInfo:
 async def thread(request: Request) -> Response:
     """One thread.
     ---
-    parameters: [{name: thread_id, in: path, required: true, schema: {type: string}}]
-    responses: {"200": {description: "thread"}, "404": {description: "no such thread"}}
+    parameters: [{$ref: "#/components/parameters/thread_id"}]
+    responses:
+      "200": {$ref: "#/components/responses/Thread"}
+      "404": {$ref: "#/components/responses/NotFound"}
     """
     pump = _pump(request)
     return JSONResponse(_thread(_find_thread(pump, request.path_params["thread_id"])))
@@ -270,10 +292,13 @@ async def thread_messages(request: Request) -> Response:
     causal links (``parent_id``).
     ---
     parameters:
-      - {name: thread_id, in: path, required: true, schema: {type: string}}
-      - {name: limit, in: query, schema: {type: integer, minimum: 1, maximum: 1000}}
-      - {name: offset, in: query, schema: {type: integer, minimum: 0}}
-    responses: {"200": {description: "messages list"}, "404": {description: "no such thread"}}
+      - {$ref: "#/components/parameters/thread_id"}
+      - {$ref: "#/components/parameters/limit"}
+      - {$ref: "#/components/parameters/offset"}
+    responses:
+      "200": {$ref: "#/components/responses/Messages"}
+      "400": {$ref: "#/components/responses/BadRequest"}
+      "404": {$ref: "#/components/responses/NotFound"}
     """
     pump = _pump(request)
     found = _find_thread(pump, request.path_params["thread_id"])
@@ -296,11 +321,15 @@ async def messages(request: Request) -> Response:
     """Accepted messages in log order, after a position (for paging through history).
     ---
     parameters:
-      - {name: after, in: query, schema: {type: integer, minimum: 0}}
-      - {name: agent, in: query, schema: {type: string}}
-      - {name: limit, in: query, schema: {type: integer, minimum: 1, maximum: 1000}}
-      - {name: offset, in: query, schema: {type: integer, minimum: 0}}
-    responses: {"200": {description: "messages list"}, "400": {description: "bad query"}}
+      - {name: after, in: query, description: "a log position",
+         schema: {type: integer, minimum: 0, maximum: 4611686018427387904, default: 0}}
+      - {name: agent, in: query, description: "only messages from or to this listener",
+         schema: {type: string}}
+      - {$ref: "#/components/parameters/limit"}
+      - {$ref: "#/components/parameters/offset"}
+    responses:
+      "200": {$ref: "#/components/responses/Messages"}
+      "400": {$ref: "#/components/responses/BadRequest"}
     """
     pump = _pump(request)
     limit, offset = page(request)
@@ -328,9 +357,11 @@ async def dead_letters(request: Request) -> Response:
     """Messages whose handler failed for good; retry one with POST .../retry.
     ---
     parameters:
-      - {name: limit, in: query, schema: {type: integer, minimum: 1, maximum: 1000}}
-      - {name: offset, in: query, schema: {type: integer, minimum: 0}}
-    responses: {"200": {description: "dead letters list"}}
+      - {$ref: "#/components/parameters/limit"}
+      - {$ref: "#/components/parameters/offset"}
+    responses:
+      "200": {$ref: "#/components/responses/DeadLetters"}
+      "400": {$ref: "#/components/responses/BadRequest"}
     """
     pump = _pump(request)
     limit, offset = page(request)
@@ -371,7 +402,8 @@ def thread_budget(thread_id: str, gauge: Gauge) -> dict[str, Any]:
 async def usage(request: Request) -> Response:
     """Token usage since the last reset: totals, by agent, by model.
     ---
-    responses: {"200": {description: "usage"}}
+    responses:
+      "200": {$ref: "#/components/responses/Usage"}
     """
     budgets = _pump(request).state.budgets
     threads_state = _pump(request).state.threads.threads
@@ -389,9 +421,11 @@ async def usage_threads(request: Request) -> Response:
     """Every thread's token budget, hottest first.
     ---
     parameters:
-      - {name: limit, in: query, schema: {type: integer, minimum: 1, maximum: 1000}}
-      - {name: offset, in: query, schema: {type: integer, minimum: 0}}
-    responses: {"200": {description: "thread budgets"}}
+      - {$ref: "#/components/parameters/limit"}
+      - {$ref: "#/components/parameters/offset"}
+    responses:
+      "200": {$ref: "#/components/responses/ThreadBudgets"}
+      "400": {$ref: "#/components/responses/BadRequest"}
     """
     budgets = _pump(request).state.budgets
     limit, offset = page(request)
@@ -405,8 +439,10 @@ async def usage_threads(request: Request) -> Response:
 async def usage_thread(request: Request) -> Response:
     """One thread's token budget.
     ---
-    parameters: [{name: thread_id, in: path, required: true, schema: {type: string}}]
-    responses: {"200": {description: "thread budget"}, "404": {description: "no such thread"}}
+    parameters: [{$ref: "#/components/parameters/thread_id"}]
+    responses:
+      "200": {$ref: "#/components/responses/ThreadBudget"}
+      "404": {$ref: "#/components/responses/NotFound"}
     """
     pump = _pump(request)
     thread_id = request.path_params["thread_id"]
@@ -419,8 +455,10 @@ async def usage_thread(request: Request) -> Response:
 async def usage_agent(request: Request) -> Response:
     """One agent's usage since the last reset, and its all-time budget.
     ---
-    parameters: [{name: name, in: path, required: true, schema: {type: string}}]
-    responses: {"200": {description: "agent usage"}, "404": {description: "no such agent"}}
+    parameters: [{$ref: "#/components/parameters/agent"}]
+    responses:
+      "200": {$ref: "#/components/responses/AgentUsage"}
+      "404": {$ref: "#/components/responses/NotFound"}
     """
     pump = _pump(request)
     name = request.path_params["name"]
@@ -438,7 +476,9 @@ async def usage_model(request: Request) -> Response:
     """One model's usage since the last reset.
     ---
     parameters: [{name: model, in: path, required: true, schema: {type: string}}]
-    responses: {"200": {description: "model usage"}}
+    responses:
+      "200": {$ref: "#/components/responses/ModelUsage"}
+      "404": {$ref: "#/components/responses/NotFound"}
     """
     model = request.path_params["model"]
     totals = _pump(request).state.budgets.usage_by_model.get(model)

@@ -9,9 +9,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
-import uvicorn
 
-from xml_pipeline.api.server import config
+from xml_pipeline.api.server import Server, config
 from xml_pipeline.organism import Organism
 
 
@@ -23,7 +22,7 @@ async def running_server(organism: Organism, data: Path, *, token: str | None = 
     cfg = config(organism, host="127.0.0.1", port=0, data=data, token=token,
                  access_log=False, stop=stop)
     cfg.log_level = "warning"
-    server = uvicorn.Server(cfg)
+    server = Server(cfg)
     # A socket that listens already: clients may connect at once; the kernel holds their
     # connections until the server (after its lifespan has started the pump) accepts them.
     # IPPROTO_TCP, not 0: asyncio turns Nagle off (TCP_NODELAY) only on sockets that say they

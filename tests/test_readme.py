@@ -3,6 +3,7 @@ and .ci/run runs exactly the README's test command."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -11,6 +12,8 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import httpx
 
 from tests.conftest import ROOT
 
@@ -74,6 +77,21 @@ def test_demo_command_runs_the_demo_conversation(tmp_path: Path) -> None:
                               capture_output=True, text=True, timeout=30, env=env)
         assert tail.returncode == 0, tail.stderr
         assert tail.stdout.count('"type": "MessageAccepted"') == 3
+        # The running organism watches its file: an edit is validated and swapped in.
+        base = f"http://127.0.0.1:{env['XML_PIPELINE_PORT']}/api/v1"
+        with httpx.Client(timeout=30) as http:
+            head = http.get(f"{base}/organism").json()["position"]
+            organism_file = tmp_path / "organism.yaml"
+            organism_file.write_text(organism_file.read_text().replace(
+                "Greets people by name", "Greets people warmly by name"))
+            with http.stream("GET", f"{base}/events", params={
+                    "after": head, "type": "OrganismReloaded,ReloadRejected"}) as events:
+                for line in events.iter_lines():
+                    if line.startswith("data:"):
+                        event = json.loads(line[5:])
+                        break
+        assert event["type"] == "OrganismReloaded"
+        assert event["data"]["updated"] == ["greeter"]
     finally:
         process.send_signal(signal.SIGINT)
         rest = process.communicate(timeout=30)[0]

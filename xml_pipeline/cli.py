@@ -319,7 +319,8 @@ async def _run(args: argparse.Namespace) -> int:
           f"'<{first.schema.root}>...</{first.schema.root}>'", flush=True)
     try:
         await serve(organism, host=host, port=port, data=data,
-                    token=os.environ.get(TOKEN_ENV) or None, access_log=not args.no_access_log)
+                    token=os.environ.get(TOKEN_ENV) or None, access_log=not args.no_access_log,
+                    watch=not args.no_watch)
     except UnsafeBindError as exc:
         print(str(exc), file=sys.stderr)
         return 2
@@ -510,6 +511,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--host", help="API address (env XML_PIPELINE_HOST; default organism.yaml)")
     run.add_argument("--port", type=int, help="API port (env XML_PIPELINE_PORT)")
     run.add_argument("--no-access-log", action="store_true", help="do not log each request")
+    run.add_argument("--no-watch", action="store_true",
+                     help="do not reload when organism.yaml, its XSDs or handlers change")
     run.set_defaults(run=lambda a: asyncio.run(_run(a)))
 
     inject = commands.add_parser("inject", help="send a message to a running organism")

@@ -30,6 +30,7 @@ from xml_pipeline.errors import XmlPipelineError
 from xml_pipeline.log.file import open_file_log
 from xml_pipeline.organism import Organism
 from xml_pipeline.pump import open_pump
+from xml_pipeline.reload import watch as reload_watch
 
 __all__ = ["create_app"]
 
@@ -95,7 +96,7 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
 
 def create_app(organism: Organism, *, data: Path | None = None, token: str | None = None,
                max_body: int | None = None, stop_timeout: float = 10.0,
-               stop: asyncio.Event | None = None) -> Starlette:
+               stop: asyncio.Event | None = None, watch: bool = False) -> Starlette:
     """The API application for ``organism``, logging to ``data`` (default: its log path)."""
     directory = data if data is not None else organism.log.path
     if directory is None:
@@ -112,7 +113,17 @@ def create_app(organism: Organism, *, data: Path | None = None, token: str | Non
                 app.state.pump = pump
                 app.state.observer = observer
                 app.state.stop = stop if stop is not None else asyncio.Event()
-                yield
+                if not watch:
+                    yield
+                    return
+                # organism.yaml, its XSDs and handler modules are watched while it runs.
+                unwatch = asyncio.Event()
+                watcher = asyncio.ensure_future(reload_watch(pump, stop=unwatch))
+                try:
+                    yield
+                finally:
+                    unwatch.set()
+                    await watcher
         finally:
             await log.aclose()
 

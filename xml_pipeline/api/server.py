@@ -11,26 +11,35 @@ import importlib.util
 import ipaddress
 import logging
 import signal
+import socket
 from contextlib import suppress
 from pathlib import Path
 from types import FrameType
 
 import uvicorn
+from starlette.applications import Starlette
 
 from xml_pipeline.api.app import create_app
 from xml_pipeline.api.auth import TOKEN_ENV
+from xml_pipeline.api.stream import close_streams
 from xml_pipeline.organism import Organism
 
-__all__ = ["UnsafeBindError", "is_loopback", "serve"]
+__all__ = ["Server", "UnsafeBindError", "config", "is_loopback", "serve"]
 
 
 class UnsafeBindError(Exception):
     pass
 
 
-class _Server(uvicorn.Server):
+class Server(uvicorn.Server):
     """uvicorn's server, except that a SIGINT/SIGTERM that stopped it gracefully is not raised
-    again afterwards: a graceful stop exits with status 0. A second SIGINT forces the exit."""
+    again afterwards (a graceful stop exits with status 0; a second SIGINT forces the exit), and
+    that open event streams are ended first, so that shutdown does not wait on them."""
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if isinstance(self.config.app, Starlette):
+            close_streams(self.config.app)
+        await super().shutdown(sockets=sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.should_exit and sig == signal.SIGINT:
@@ -49,12 +58,13 @@ def is_loopback(host: str) -> bool:
 
 
 def config(organism: Organism, *, host: str, port: int, data: Path | None, token: str | None,
-           access_log: bool, stop: asyncio.Event | None = None) -> uvicorn.Config:
+           access_log: bool, stop: asyncio.Event | None = None, watch: bool = False
+           ) -> uvicorn.Config:
     if not is_loopback(host) and not token:
         raise UnsafeBindError(
             f"Refusing to listen on {host}: without an API token anyone who can reach it could "
             f"control the organism. Set {TOKEN_ENV}, or listen on 127.0.0.1.")
-    app = create_app(organism, data=data, token=token, stop=stop)
+    app = create_app(organism, data=data, token=token, stop=stop, watch=watch)
     return uvicorn.Config(
         app, host=host, port=port, lifespan="on", access_log=access_log,
         loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
@@ -64,11 +74,11 @@ def config(organism: Organism, *, host: str, port: int, data: Path | None, token
 
 
 async def serve(organism: Organism, *, host: str, port: int, data: Path | None = None,
-                token: str | None = None, access_log: bool = True) -> None:
+                token: str | None = None, access_log: bool = True, watch: bool = True) -> None:
     """Run the API (and so the pump) until a signal or ``POST /organism/stop``."""
     stop = asyncio.Event()
-    server = _Server(config(organism, host=host, port=port, data=data, token=token,
-                                   access_log=access_log, stop=stop))
+    server = Server(config(organism, host=host, port=port, data=data, token=token,
+                                   access_log=access_log, stop=stop, watch=watch))
 
     async def watch_stop() -> None:
         await stop.wait()

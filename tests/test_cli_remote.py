@@ -79,3 +79,43 @@ async def test_usage_shows_gauges(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert "  planner    [" in out and "no limit" in out
     line = next(line for line in out.splitlines() if thread in line)
     assert "498/2000  24.9%" in line
+
+
+async def test_budget_command_resumes_a_paused_thread(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.messages_stub import messages_stub
+    from tests.test_llm import SCRIPT, make
+
+    async with messages_stub() as stub:
+        monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", stub.url)
+        stub.script(*SCRIPT)
+        organism = make(tmp_path, thread_tokens=400)
+        async with running_server(organism, tmp_path / "events") as (base, _):
+            import httpx
+
+            def run(*argv: str) -> tuple[int, str]:
+                code = main([*argv, "--url", base])
+                return code, capsys.readouterr().out
+
+            code, out = await asyncio.to_thread(
+                run, "inject", "--to", "planner", "<Note><text>go</text></Note>", "--json")
+            thread = json.loads(out)["thread_id"]
+            async with httpx.AsyncClient(base_url=base + "/api/v1") as http:
+                await http.get("/organism/state")
+                assert (await http.get(f"/threads/{thread}")).json()["status"] == "paused"
+                budget = (await http.get(f"/usage/threads/{thread}")).json()
+                assert budget["is_exhausted"] is True and budget["max_tokens"] == 400
+                code, out = await asyncio.to_thread(run, "budget", thread, "--max-tokens",
+                                                    "5000")
+                assert code == 0 and out.startswith(f"thread {thread}: [")
+                await http.get("/organism/state")
+                assert (await http.get(f"/threads/{thread}")).json()["status"] == "completed"
+                budget = (await http.get(f"/usage/threads/{thread}")).json()
+                assert (budget["max_tokens"], budget["total_tokens"]) == (5000, 498)
+                bad = await http.post(f"/usage/threads/{thread}/budget", json={"max": 1})
+                assert bad.status_code == 400
+                missing = await http.post("/usage/threads/nope/budget",
+                                          json={"max_tokens": 1})
+                assert missing.status_code == 404

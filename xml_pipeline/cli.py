@@ -414,6 +414,9 @@ def _remote(args: argparse.Namespace) -> int:
         with Client(_url(args)) as client:
             if args.command == "reload":
                 result = client.post("/organism/reload")
+            elif args.command == "budget":
+                result = client.post(f"/usage/threads/{args.thread}/budget",
+                                     {"max_tokens": args.max_tokens})
             elif args.command == "threads":
                 result = client.get("/threads", status=args.status, agent=args.agent,
                                     limit=args.limit)
@@ -432,6 +435,9 @@ def _remote(args: argparse.Namespace) -> int:
         none = "none"
         print(f"reloaded: added {result['added'] or none}, removed {result['removed'] or none}"
               f", updated {result['updated'] or none}")
+    elif args.command == "budget":
+        print(f"thread {result['thread_id']}: "
+              f"{_bar(result['total_tokens'], result['max_tokens'])}")
     elif args.command == "threads":
         print(f"{result['count']} of {result['total']} threads")
         for t in result["threads"]:
@@ -543,6 +549,13 @@ def _parser() -> argparse.ArgumentParser:
     dead.add_argument("--url", help=url_help)
     dead.add_argument("--json", action="store_true", help="machine-readable output")
     dead.set_defaults(run=_remote)
+
+    budget = commands.add_parser("budget", help="set a thread's token budget (resumes it)")
+    budget.add_argument("thread", help="the thread id")
+    budget.add_argument("--max-tokens", type=int, required=True)
+    budget.add_argument("--url", help=url_help)
+    budget.add_argument("--json", action="store_true", help="machine-readable output")
+    budget.set_defaults(run=_remote)
 
     usage = commands.add_parser("usage", help="token usage and budgets (gas gauges)")
     usage.add_argument("--threads", type=int, default=10, help="how many threads to show")

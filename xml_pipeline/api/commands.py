@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from xml_pipeline.api import views
 from xml_pipeline.api.responses import ApiError, JSONResponse
 from xml_pipeline.errors import XmlPipelineError, XmlTooLargeError
 from xml_pipeline.pump import Pump
@@ -326,6 +327,52 @@ async def retry(request: Request) -> Response:
     return JSONResponse({"success": True, "message_id": message_id})
 
 
+async def thread_budget(request: Request) -> Response:
+    """Set a thread's token budget (recorded as BudgetRaised); a thread its budget paused goes
+    on at once.
+    ---
+    parameters:
+      - {$ref: "#/components/parameters/thread_id"}
+      - {$ref: "#/components/parameters/client_name"}
+    requestBody:
+      required: true
+      content:
+        application/json:
+          schema:
+            type: object
+            required: [max_tokens]
+            additionalProperties: false
+            properties:
+              max_tokens: {type: integer, minimum: 1, maximum: 1000000000000}
+    responses:
+      "200": {$ref: "#/components/responses/ThreadBudget"}
+      "400": {$ref: "#/components/responses/BadRequest"}
+      "404": {$ref: "#/components/responses/NotFound"}
+      "413": {$ref: "#/components/responses/TooLarge"}
+      "415": {$ref: "#/components/responses/UnsupportedMediaType"}
+      "503": {$ref: "#/components/responses/Unavailable"}
+    """
+    pump = _pump(request)
+    thread_id = request.path_params["thread_id"]
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() \
+            != "application/json":
+        raise ApiError("unsupported_media_type", "Send the budget as application/json: "
+                                                 '{"max_tokens": 50000}.')
+    data = _parse_json(await request.body())
+    value = data.get("max_tokens") if isinstance(data, dict) else None
+    if not isinstance(data, dict) or set(data) != {"max_tokens"} or isinstance(value, bool) \
+            or not isinstance(value, int) or not 1 <= value <= 10**12:
+        raise ApiError("invalid_request", 'The body must be {"max_tokens": N} with N a whole '
+                                          "number from 1 to 10^12.")
+    if thread_id not in pump.state.threads.threads:
+        raise ApiError("not_found", f"There is no thread {thread_id!r}.",
+                       details={"thread_id": thread_id})
+    await pump.raise_budget("thread", thread_id, value, by=_caller(request))
+    budgets = pump.state.budgets
+    return JSONResponse(views.thread_budget(thread_id, budgets.thread_gauge_or_new(thread_id),
+                                            budgets.warnings.get(f"thread:{thread_id}")))
+
+
 routes = [
     Route("/inject", inject, methods=["POST"]),
     Route("/agents/{name}/pause", pause, methods=["POST"]),
@@ -334,5 +381,6 @@ routes = [
     Route("/organism/reload", reload, methods=["POST"]),
     Route("/organism/stop", stop, methods=["POST"]),
     Route("/usage/reset", usage_reset, methods=["POST"]),
+    Route("/usage/threads/{thread_id}/budget", thread_budget, methods=["POST"]),
     Route("/dead-letters/{message_id}/retry", retry, methods=["POST"]),
 ]

@@ -275,6 +275,11 @@ schemas:
       remaining: {type: integer, nullable: true, minimum: 0}
       percent_used: {type: number, minimum: 0}
       is_exhausted: {type: boolean}
+      warning:
+        type: integer
+        nullable: true
+        enum: [75, 90, 95, null]
+        description: the highest warning level crossed (percent), or null
   ThreadBudgets:
     allOf:
       - $ref: '#/components/schemas/Page'

@@ -391,12 +391,13 @@ def usage_totals(totals: UsageTotals | None) -> dict[str, Any]:
             if t.request_count else 0.0}
 
 
-def thread_budget(thread_id: str, gauge: Gauge) -> dict[str, Any]:
+def thread_budget(thread_id: str, gauge: Gauge, warning: int | None = None
+                  ) -> dict[str, Any]:
     return {"thread_id": thread_id, "max_tokens": gauge.limit,
             "prompt_tokens": gauge.prompt_tokens, "completion_tokens": gauge.completion_tokens,
             "total_tokens": gauge.used, "reserved_tokens": gauge.reserved,
             "remaining": gauge.remaining, "percent_used": gauge.percent_used,
-            "is_exhausted": gauge.exhausted}
+            "is_exhausted": gauge.exhausted, "warning": warning}
 
 
 async def usage(request: Request) -> Response:
@@ -430,7 +431,8 @@ async def usage_threads(request: Request) -> Response:
     budgets = _pump(request).state.budgets
     limit, offset = page(request)
     ordered = sorted(budgets.threads.items(), key=lambda kv: (-kv[1].used, kv[0]))
-    body = listing("threads", [thread_budget(k, g) for k, g in ordered[offset:offset + limit]],
+    body = listing("threads", [thread_budget(k, g, budgets.warnings.get(f"thread:{k}"))
+                              for k, g in ordered[offset:offset + limit]],
                    total=len(ordered), limit=limit, offset=offset)
     body["default_max_tokens"] = budgets.defaults.get("thread_tokens")
     return JSONResponse(body)
@@ -449,7 +451,8 @@ async def usage_thread(request: Request) -> Response:
     _find_thread(pump, thread_id)
     budgets = pump.state.budgets
     gauge = budgets.threads.get(thread_id) or Gauge(limit=budgets.defaults.get("thread_tokens"))
-    return JSONResponse(thread_budget(thread_id, gauge))
+    return JSONResponse(thread_budget(thread_id, gauge,
+                                      budgets.warnings.get(f"thread:{thread_id}")))
 
 
 async def usage_agent(request: Request) -> Response:

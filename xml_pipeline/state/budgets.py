@@ -103,6 +103,10 @@ class Budgets(msgspec.Struct, kw_only=True):
             self.threads[thread_id] = gauge
         return gauge
 
+    def thread_gauge_or_new(self, thread_id: str) -> Gauge:
+        """The thread's gauge, or the one the fold would create (read only)."""
+        return self.threads.get(thread_id) or Gauge(limit=self.defaults.get("thread_tokens"))
+
     def agent_gauge(self, agent: str) -> Gauge:
         gauge = self.agents.get(agent)
         if gauge is None:

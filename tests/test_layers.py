@@ -19,7 +19,7 @@ LAYERS = [
     {"log"},
     {"state"},
     {"mailbox", "handlers", "ledger", "router", "delivery", "llm", "pump", "reload"},
-    {"api", "client", "cli", "__main__", "__init__"},
+    {"api", "client", "remote", "cli", "__main__", "__init__"},
 ]
 
 

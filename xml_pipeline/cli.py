@@ -25,6 +25,7 @@ from xml_pipeline.events import CATALOGUE, Event, Recorded
 from xml_pipeline.log.file import open_file_log
 from xml_pipeline.log.segments import verify_log
 from xml_pipeline.organism import Organism, load_organism
+from xml_pipeline.remote import inject_command, remote_command, tail_command, usage_command
 from xml_pipeline.state import State, latest_snapshot, save_snapshot
 
 __all__ = ["main"]
@@ -331,171 +332,6 @@ async def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_payload(text: str) -> str:
-    if text == "-":
-        return sys.stdin.read()
-    if text.startswith("@"):
-        return Path(text[1:]).read_text(encoding="utf-8")
-    return text
-
-
-def _url(args: argparse.Namespace) -> str:
-    from xml_pipeline.client import default_url
-
-    if args.url:
-        return str(args.url)
-    organism_file = Path(DEFAULT_ORGANISM)
-    if organism_file.exists():
-        try:
-            organism = load_organism(organism_file)
-        except OrganismError:
-            pass
-        else:
-            return default_url(organism.api.host, organism.api.port)
-    return default_url()
-
-
-def _inject(args: argparse.Namespace) -> int:
-    from xml_pipeline.client import Client, ClientError
-
-    try:
-        payload = _read_payload(args.payload)
-    except OSError as exc:
-        print(f"Cannot read the payload: {exc}.", file=sys.stderr)
-        return 2
-    try:
-        with Client(_url(args)) as client:
-            answer = client.inject(to=args.to, payload=payload, thread_id=args.thread,
-                                   idempotency_key=args.idempotency_key)
-    except ClientError as exc:
-        if args.json:
-            print(json.dumps({"error": {"code": exc.code, "message": exc.message}}))
-        else:
-            print(f"rejected ({exc.code}): {exc.message}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(answer))
-    else:
-        print(f"accepted message {answer['message_id']} in thread {answer['thread_id']}")
-    return 0
-
-
-def _tail_url(args: argparse.Namespace) -> int:
-    from xml_pipeline.client import Client, ClientError
-
-    out = sys.stdout
-    style = _Style(out)
-    try:
-        with Client(_url(args)) as client:
-            # Over the API, tail always follows; --after N replays from position N first.
-            for item in client.events(after=args.after,
-                                      thread=args.thread, agent=args.agent, types=args.type):
-                if args.json:
-                    out.write(json.dumps(item) + "\n")
-                else:
-                    data = {k: v for k, v in item["data"].items() if k != "at"}
-                    text = " ".join(f"{k}={str(v)[:80]}" for k, v in data.items()
-                                    if v not in (None, "", []) and k not in
-                                    ("envelope", "source", "listeners"))
-                    out.write(f"{style('#' + str(item['position']), '2')} {item['at']} "
-                              f"{style(item['type'], '36')} {text}\n")
-                out.flush()
-    except ClientError as exc:
-        print(exc.message, file=sys.stderr)
-        return 1
-    return 0
-
-
-def _remote(args: argparse.Namespace) -> int:
-    """reload / threads / dead-letters against a running organism."""
-    from xml_pipeline.client import Client, ClientError
-
-    try:
-        with Client(_url(args)) as client:
-            if args.command == "reload":
-                result = client.post("/organism/reload")
-            elif args.command == "budget":
-                result = client.post(f"/usage/threads/{args.thread}/budget",
-                                     {"max_tokens": args.max_tokens})
-            elif args.command == "threads":
-                result = client.get("/threads", status=args.status, agent=args.agent,
-                                    limit=args.limit)
-            else:
-                result = client.get("/dead-letters", limit=args.limit)
-    except ClientError as exc:
-        if args.json:
-            print(json.dumps({"error": {"code": exc.code, "message": exc.message}}))
-        else:
-            print(exc.message, file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(result))
-        return 0
-    if args.command == "reload":
-        none = "none"
-        print(f"reloaded: added {result['added'] or none}, removed {result['removed'] or none}"
-              f", updated {result['updated'] or none}")
-    elif args.command == "budget":
-        print(f"thread {result['thread_id']}: "
-              f"{_bar(result['total_tokens'], result['max_tokens'])}")
-    elif args.command == "threads":
-        print(f"{result['count']} of {result['total']} threads")
-        for t in result["threads"]:
-            print(f"  {t['thread_id']}  {t['status']:<9} {t['message_count']:>4} messages  "
-                  f"{t['updated_at']}  {', '.join(t['participants'])}")
-    else:
-        print(f"{result['total']} dead letters")
-        for d in result["dead_letters"]:
-            print(f"  {d['message_id']}  {d['listener']}  thread {d['thread_id']}: "
-                  f"{d['reason']}")
-    return 0
-
-
-def _bar(used: int, limit: int | None, width: int = 24) -> str:
-    if not limit:
-        return "[" + " " * width + "]  no limit"
-    filled = min(width, round(width * used / limit))
-    percent = 100 * used / limit
-    return f"[{'#' * filled}{'-' * (width - filled)}] {used}/{limit} {percent:5.1f}%"
-
-
-def _usage(args: argparse.Namespace) -> int:
-    """Gas gauges: organism totals, each agent's budget, the hottest threads."""
-    from xml_pipeline.client import Client, ClientError
-
-    try:
-        with Client(_url(args)) as client:
-            usage = client.get("/usage")["usage"]
-            agents = client.get("/agents", limit=1000)["agents"]
-            per_agent = {a["name"]: client.get(f"/usage/agents/{a['name']}") for a in agents
-                         if a["kind"] == "agent"}
-            threads = client.get("/usage/threads", limit=args.threads)
-    except ClientError as exc:
-        print(exc.message, file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps({"usage": usage, "agents": per_agent, "threads": threads}))
-        return 0
-    totals = usage["totals"]
-    print(f"usage since {usage.get('since') or 'the start'}: {totals['prompt_tokens']} in, "
-          f"{totals['completion_tokens']} out, {totals['request_count']} calls, "
-          f"${totals['total_cost']:.4f}, {usage['active_threads']} active threads")
-    if per_agent:
-        print("agents:")
-        width = max(len(n) for n in per_agent)
-        for name, info in per_agent.items():
-            budget = info["budget"]
-            print(f"  {name:<{width}} {_bar(budget['total_tokens'], budget['max_tokens'])}"
-                  f"  ${info['total_cost']:.4f}{'  EXHAUSTED' if budget['is_exhausted'] else ''}")
-    if threads["threads"]:
-        print(f"threads (hottest first, {threads['count']} of {threads['total']}; default "
-              f"limit {threads['default_max_tokens']}):")
-        for t in threads["threads"]:
-            flag = "  EXHAUSTED" if t["is_exhausted"] else ""
-            print(f"  {t['thread_id']} {_bar(t['total_tokens'], t['max_tokens'])}{flag}")
-    return 0
-
-
 # ------------------------------------------------------------------ entry point
 
 
@@ -529,13 +365,13 @@ def _parser() -> argparse.ArgumentParser:
                                       "or env XML_PIPELINE_URL)")
     inject.add_argument("--json", action="store_true", help="machine-readable output")
     inject.add_argument("payload", help="XML text, @file, or - for standard input")
-    inject.set_defaults(run=_inject)
+    inject.set_defaults(run=inject_command)
 
     url_help = "the organism's address (default: organism.yaml's api, or env XML_PIPELINE_URL)"
     reload = commands.add_parser("reload", help="reload organism.yaml in a running organism")
     reload.add_argument("--url", help=url_help)
     reload.add_argument("--json", action="store_true", help="machine-readable output")
-    reload.set_defaults(run=_remote)
+    reload.set_defaults(run=remote_command)
     threads = commands.add_parser("threads", help="list the threads of a running organism")
     threads.add_argument("--status", choices=["active", "completed", "failed", "killed",
                                               "paused"])
@@ -543,25 +379,25 @@ def _parser() -> argparse.ArgumentParser:
     threads.add_argument("--limit", type=int, default=50)
     threads.add_argument("--url", help=url_help)
     threads.add_argument("--json", action="store_true", help="machine-readable output")
-    threads.set_defaults(run=_remote)
+    threads.set_defaults(run=remote_command)
     dead = commands.add_parser("dead-letters", help="list dead-lettered messages")
     dead.add_argument("--limit", type=int, default=50)
     dead.add_argument("--url", help=url_help)
     dead.add_argument("--json", action="store_true", help="machine-readable output")
-    dead.set_defaults(run=_remote)
+    dead.set_defaults(run=remote_command)
 
     budget = commands.add_parser("budget", help="set a thread's token budget (resumes it)")
     budget.add_argument("thread", help="the thread id")
     budget.add_argument("--max-tokens", type=int, required=True)
     budget.add_argument("--url", help=url_help)
     budget.add_argument("--json", action="store_true", help="machine-readable output")
-    budget.set_defaults(run=_remote)
+    budget.set_defaults(run=remote_command)
 
     usage = commands.add_parser("usage", help="token usage and budgets (gas gauges)")
     usage.add_argument("--threads", type=int, default=10, help="how many threads to show")
     usage.add_argument("--url", help=url_help)
     usage.add_argument("--json", action="store_true", help="machine-readable output")
-    usage.set_defaults(run=_usage)
+    usage.set_defaults(run=usage_command)
 
     rep = commands.add_parser("replay", help="rebuild state from the log and summarise it")
     rep.add_argument("--data", help=DATA_HELP)
@@ -583,7 +419,7 @@ def _parser() -> argparse.ArgumentParser:
                            "with --url, only new events)")
     tail.add_argument("--json", action="store_true", help="one JSON object per line")
     tail.add_argument("--url", help="follow a running organism over its API (always follows)")
-    tail.set_defaults(run=lambda a: _tail_url(a) if a.url else asyncio.run(_tail(a)))
+    tail.set_defaults(run=lambda a: tail_command(a) if a.url else asyncio.run(_tail(a)))
     return parser
 
 

@@ -325,3 +325,14 @@ async def test_a_malformed_thread_id_is_refused_without_using_a_slot(pump: Pump,
     assert accepted.thread_id == "my-thread"
     await pump.wait_idle()
     assert [r.reason for r in await events_of(log, MessageRejected)] == ["invalid_envelope"] * 300
+
+
+async def test_a_lone_surrogate_from_a_handler_is_recorded_not_fatal(pump: Pump, log: FileLog
+                                                                    ) -> None:
+    with pytest.raises(UnknownListenerError):
+        await pump.inject(item(1), to="thi\ud800rd")
+    rejected = await events_of(log, MessageRejected)
+    assert rejected[-1].to == "thi\\ud800rd"
+    await pump.inject(item(2), to="third")  # the log still takes appends
+    await pump.wait_idle()
+    assert [s["n"] for s in handlers.seen] == ["2"]

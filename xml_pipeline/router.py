@@ -61,7 +61,17 @@ def _raw_text(data: Any) -> str:
         data = etree.tostring(data)
     if isinstance(data, bytes):
         return data[:RAW_CAP].decode("utf-8", "backslashreplace")
-    return str(data)[:RAW_CAP]
+    return _text(str(data)[:RAW_CAP])
+
+
+def _text(value: str) -> str:
+    """``value`` as storable UTF-8 text: lone surrogates (from a handler's Python string, say)
+    become backslash escapes instead of failing the append."""
+    return value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _maybe(value: str | None) -> str | None:
+    return None if value is None else _text(value)
 
 
 def _did_you_mean(word: str, names: Any) -> str:
@@ -229,10 +239,10 @@ class Router:
     async def reject(self, exc: XmlPipelineError, *, raw: Any, sender: str | None,
                      to: str | None, thread_id: str | None, parent_id: str | None,
                      durable: bool = True, code: str | None = None) -> None:
-        future = self._commit_soon([MessageRejected(at=self._clock(), reason=code or exc.code,
-                                            error=exc.message, raw=_raw_text(raw),
-                                            sender=sender, to=to, thread_id=thread_id,
-                                            parent_id=parent_id)])
+        future = self._commit_soon([MessageRejected(
+            at=self._clock(), reason=code or exc.code, error=_text(exc.message),
+            raw=_raw_text(raw), sender=_maybe(sender), to=_maybe(to),
+            thread_id=_maybe(thread_id), parent_id=_maybe(parent_id))])
         if durable:
             await asyncio.shield(future)
 

@@ -196,3 +196,27 @@ async def test_a_redelivered_agent_message_never_pays_twice(stub: Stub, tmp_path
     assert len(stub.requests) == 4  # step 0 once, the held step 1, step 1 again, researcher
     assert stub.requests[2]["messages"] == stub.requests[1]["messages"]
     assert [e.key.split("#")[1] for e in responded if e.agent == "planner"] == ["0", "1"]
+
+
+async def test_rate_limits_are_retried_and_other_errors_fail_the_handler(stub: Stub,
+                                                                         tmp_path: Path) -> None:
+    from xml_pipeline.events import HandlerFailed
+
+    stub.script(Answer("slow down", status=429), Answer("overloaded", status=529), *SCRIPT)
+    organism = make(tmp_path)
+    log = await open_file_log(tmp_path / "events")
+    async with open_pump(organism, log) as pump:
+        accepted = await pump.inject("<Note><text>task</text></Note>", to="planner")
+        await pump.wait_idle()
+        assert pump.state.threads.threads[accepted.thread_id].status == "completed"
+        assert pump.state.budgets.usage.request_count == 4  # retries are not counted twice
+        stub.script(Answer("your request is bad", status=400))
+        failed = await pump.inject("<Note><text>again</text></Note>", to="planner")
+        await pump.wait_idle()
+        errors = [r.event async for r in log.read() if isinstance(r.event, HandlerFailed)]
+        assert [e.error for e in errors] == [
+            "AgentError: The Anthropic API refused the call (400): your request is bad"]
+        assert pump.state.threads.threads[failed.thread_id].status == "failed"
+        assert pump.state.budgets.threads[failed.thread_id].reserved == 0
+    await log.aclose()
+    assert len(stub.requests) == 7

@@ -275,6 +275,9 @@ class AgentRuntime:
                 latency_ms=(time.perf_counter() - started) * 1000, reservation_id=reservation,
                 message_id=ctx.message_id)])
             message = getattr(exc, "message", None) or str(exc)
+            body = getattr(exc, "body", None)
+            if isinstance(body, dict) and isinstance(body.get("error"), dict):
+                message = str(body["error"].get("message") or message)
             status = getattr(exc, "status_code", None)
             if isinstance(exc, Exception) and type(exc).__module__.startswith("anthropic"):
                 raise AgentError(f"The Anthropic API refused the call"

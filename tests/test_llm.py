@@ -220,3 +220,29 @@ async def test_rate_limits_are_retried_and_other_errors_fail_the_handler(stub: S
         assert pump.state.budgets.threads[failed.thread_id].reserved == 0
     await log.aclose()
     assert len(stub.requests) == 7
+
+
+async def test_a_missing_api_key_is_reported_not_a_crash(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    import httpx
+
+    from tests.api_server import running_server
+    from xml_pipeline.events import HandlerFailed
+
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    organism = make(tmp_path)
+    async with running_server(organism, tmp_path / "events") as (base, _):
+        async with httpx.AsyncClient(base_url=base + "/api/v1") as http:
+            agent = (await http.get("/agents/planner")).json()
+            assert agent["error"] == "ANTHROPIC_API_KEY is not set; the agent cannot call the " \
+                                     "model."
+            assert (await http.get("/agents/lookup")).json()["error"] is None
+            await http.post("/inject", json={"to": "planner",
+                                             "payload": "<Note><text>x</text></Note>"})
+            await http.get("/organism/state")
+    log = await open_file_log(tmp_path / "events", readonly=True)
+    failures = [r.event async for r in log.read() if isinstance(r.event, HandlerFailed)]
+    await log.aclose()
+    assert failures[0].error == ("AgentError: ANTHROPIC_API_KEY is not set; set it in the "
+                                 "environment of 'xml-pipeline run' to run LLM agents.")

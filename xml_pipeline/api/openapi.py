@@ -147,6 +147,11 @@ schemas:
       failed: {type: integer, minimum: 0}
       dead_lettered: {type: integer, minimum: 0}
       last_active_at: {$ref: '#/components/schemas/Time'}
+      model: {type: string, nullable: true, description: the LLM model of an agent}
+      error:
+        type: string
+        nullable: true
+        description: why the agent cannot work now (no API key), or null
   Agents:
     allOf:
       - $ref: '#/components/schemas/Page'

@@ -7,6 +7,7 @@ nothing here changes anything.
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 from starlette.requests import Request
@@ -16,6 +17,7 @@ from starlette.routing import Route
 from xml_pipeline.api.responses import ApiError, JSONResponse, integer, listing, page
 from xml_pipeline.envelope import format_timestamp
 from xml_pipeline.events import MessageAccepted
+from xml_pipeline.llm import KEY_ENV
 from xml_pipeline.organism import Listener
 from xml_pipeline.pump import Pump
 from xml_pipeline.state.budgets import Gauge, UsageTotals
@@ -150,6 +152,9 @@ def _agent(pump: Pump, listener: Listener) -> dict[str, Any]:
         "failed": info.failed if info else 0,
         "dead_lettered": info.dead_lettered if info else 0,
         "last_active_at": _time(info.last_active_at) if info else None,
+        "model": listener.agent.model if listener.agent else None,
+        "error": (f"{KEY_ENV} is not set; the agent cannot call the model."
+                  if listener.agent and not os.environ.get(KEY_ENV) else None),
     }
 
 

@@ -246,3 +246,19 @@ async def test_a_missing_api_key_is_reported_not_a_crash(tmp_path: Path,
     await log.aclose()
     assert failures[0].error == ("AgentError: ANTHROPIC_API_KEY is not set; set it in the "
                                  "environment of 'xml-pipeline run' to run LLM agents.")
+
+
+async def test_crossing_75_percent_records_a_warning(stub: Stub, tmp_path: Path) -> None:
+    from xml_pipeline.events import BudgetWarned
+
+    stub.script(Answer(send("researcher", "find x"), 1500, 20), *SCRIPT[1:])
+    organism = make(tmp_path, thread_tokens=2000)
+    log = await open_file_log(tmp_path / "events")
+    async with open_pump(organism, log) as pump:
+        accepted = await pump.inject("<Note><text>task</text></Note>", to="planner")
+        await pump.wait_idle()
+        warned = [r.event async for r in log.read() if isinstance(r.event, BudgetWarned)]
+        assert [(w.scope, w.key, w.percent, w.used, w.limit) for w in warned][0] == (
+            "thread", accepted.thread_id, 75, 1520, 2000)
+        assert pump.state.budgets.warnings[f"thread:{accepted.thread_id}"] >= 75
+    await log.aclose()

@@ -27,6 +27,7 @@ from xml_pipeline.log.file import FileLog, open_file_log
 from xml_pipeline.organism import load_organism
 from xml_pipeline.pump import Pump, open_pump
 from xml_pipeline.reload import ReloadResult, watch
+from xml_pipeline.state import replay
 
 ITEM_XSD = """<?xml version="1.0"?>
 <xs:schema xmlns:xs="http://www.w3.org/2001/XMLSchema">
@@ -221,3 +222,7 @@ async def test_twenty_reloads_under_traffic_lose_nothing_and_deliver_nothing_twi
     assert all(delivered[m] == 1 for m in accepted), "a message was delivered twice or never"
     assert all(handled[m] == 1 for m in accepted)
     assert len(watched.seen()) == len(injected)
+    # The organism in force at every position is in the log: replay rebuilds the same state.
+    replayed = await replay(watched.log)
+    assert replayed.digest() == watched.pump.state.digest()
+    assert replayed.agents.agents["a"].config["description"] == "round 19"

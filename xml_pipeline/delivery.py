@@ -38,6 +38,8 @@ SendFunction = Callable[[Listener, Delivery, str, Payload, bool], Awaitable[str 
 AgentFunction = Callable[[Listener, Any, Context], Awaitable[None]]
 #: what ``call`` returns when the handler could not run for lack of budget
 PARKED = "\0parked"
+#: what ``call`` returns when the log failed while the handler ran
+REQUEUE = "\0requeue"
 
 
 class Deliverer:
@@ -78,6 +80,7 @@ class Deliverer:
             return listener is None or index >= listener.concurrency
 
         while True:
+            await self._ledger.wait_healthy()  # no dispatching while the log cannot be written
             mailbox = self.mailboxes.get(name)
             if mailbox is None:
                 return
@@ -85,6 +88,8 @@ class Deliverer:
             if delivery is None:
                 return
             try:
+                # The log may have failed while this worker waited for the message.
+                await self._ledger.wait_healthy()
                 await self.deliver(name, delivery)
             finally:
                 mailbox.done(delivery)
@@ -134,10 +139,13 @@ class Deliverer:
                                                   thread_id=delivery.thread_id,
                                                   reason="thread killed")])
                 return
+            if error is REQUEUE:
+                self._requeue(name, delivery, closed=False)
+                return
             if error is None:
-                self._commit_soon(self._outcome(delivery.thread_id, [HandlerSucceeded(
+                self._close(name, delivery, [HandlerSucceeded(
                     at=self._clock(), message_id=delivery.message_id, listener=name,
-                    duration_ms=(time.perf_counter() - started) * 1000)]))
+                    duration_ms=(time.perf_counter() - started) * 1000)])
                 return
             will_retry = attempt <= listener.retries.max
             events: list[Event] = [HandlerFailed(at=self._clock(), message_id=delivery.message_id,
@@ -151,11 +159,31 @@ class Deliverer:
                 events.append(MessageDeadLettered(at=self._clock(),
                                                   message_id=delivery.message_id,
                                                   listener=name, reason=error))
-                events = self._outcome(delivery.thread_id, events)
-            self._commit_soon(events)
-            if not will_retry:
+                self._close(name, delivery, events)
                 return
+            self._commit_soon(events)
             await asyncio.sleep(delay)
+
+    def _close(self, name: str, delivery: Delivery, events: list[Event]) -> None:
+        """Record a message's outcome; if the log cannot take it, the message goes back to its
+        mailbox, to be handled again once the log works (its earlier sends were not recorded
+        either, or are reused: see ``Router.send``)."""
+        future = self._commit_soon(self._outcome(delivery.thread_id, events))
+
+        def settled(future: asyncio.Future[list[int]]) -> None:
+            if future.cancelled() or future.exception() is not None:
+                self._requeue(name, delivery, closed=True)
+
+        future.add_done_callback(settled)
+
+    def _requeue(self, name: str, delivery: Delivery, *, closed: bool) -> None:
+        if closed:
+            self._ledger.reopen(delivery.thread_id)
+        mailbox = self.mailboxes.get(name)
+        if mailbox is None:
+            return
+        delivery.redelivery = True
+        mailbox.put(delivery, reserved=False)
 
     async def call(self, listener: Listener, delivery: Delivery, attempt: int) -> str | None:
         """Run the handler once; the error text if it failed, None if it succeeded (or was
@@ -191,7 +219,7 @@ class Deliverer:
         except BudgetExhaustedError:
             return PARKED  # BudgetExhausted is recorded; the thread waits for a raise
         except (BusyError, LogError):
-            raise
+            return REQUEUE  # the log failed under the handler: handle it again later
         except Exception as exc:  # the handler's own failure, recorded with its text
             return f"{type(exc).__name__}: {exc}"
         finally:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 
 from xml_pipeline.events import (
@@ -57,6 +57,36 @@ class Ledger:
     def idle(self) -> bool:
         return not self.appending and not self._unfolded and not self._buffer
 
+    async def wait_healthy(self) -> None:
+        """Return once the log takes appends (at once, unless an append failed)."""
+        while self.fault is not None:
+            await self.signal.wait()
+
+    async def recover(self, probe: Callable[[], Awaitable[None]], *,
+                      interval: float = 0.5) -> None:
+        """Forever: when an append has failed, call ``probe`` (which raises while the log
+        still cannot be written) every ``interval`` seconds, and clear the fault when it
+        succeeds. Owned by the pump's task group."""
+        while True:
+            while self.fault is None:
+                await self.signal.wait()
+            await asyncio.sleep(interval)
+            if self.appending:
+                continue  # let the failed batches settle first
+            try:
+                await probe()
+            except Exception as exc:  # still failing: keep the newest reason
+                self.fault = exc
+                continue
+            _log.warning("the event log can be written again; resuming")
+            self.fault = None
+            self.notify()
+
+    def reopen(self, thread_id: str) -> None:
+        """A message of ``thread_id`` whose outcome could not be recorded goes back to its
+        mailbox: count it as open again."""
+        self._open[thread_id] = self._open.get(thread_id, 0) + 1
+
     def count_open(self) -> None:
         """Start counting open messages per thread from the folded state."""
         self._open = {thread_id: thread.open_count
@@ -94,6 +124,11 @@ class Ledger:
         batch, self._buffer = self._buffer, []
         if not batch:
             return
+        if self.fault is not None:
+            # Once an append failed, nothing is appended until a probe shows the log works
+            # again (``recover``): events after a lost one must not become durable without it.
+            self._failed(batch, self.fault)
+            return
         events = [event for part, _ in batch for event in part]
         try:
             future = self.log.append_nowait(events)
@@ -105,8 +140,14 @@ class Ledger:
     def _failed(self, batch: list[tuple[list[Event], asyncio.Future[list[int]]]],
                 exc: BaseException) -> None:
         self.appending -= len(batch)
+        if self.fault is None:
+            _log.error("an append failed; nothing more is recorded until the log works "
+                       "again: %s", exc)
         self.fault = exc
-        _log.error("an append failed; its events were not recorded: %s", exc)
+        for part, _ in batch:
+            for event in part:
+                if isinstance(event, ThreadCompleted):
+                    self._completing.discard(event.thread_id)
         for _, future in batch:
             if not future.done():
                 future.set_exception(exc)
@@ -123,7 +164,6 @@ class Ledger:
             self._failed(batch, error)
             return
         self.appending -= len(batch)
-        self.fault = None
         self.append_latency.observe((time.perf_counter() - started) * 1000)
         positions = future.result()
         unfolded = self._unfolded

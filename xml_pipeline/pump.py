@@ -433,6 +433,10 @@ async def open_pump(organism: Organism, log: EventLog, *, clock: Clock = system_
         pump._group = group
         for name, listener in organism.listeners.items():
             pump._spawn_workers(name, 0, listener.concurrency)
+        probe = getattr(log, "probe", None)
+        if probe is not None:  # after a failed append, find out when the log works again
+            pump._workers.append(group.create_task(pump._ledger.recover(probe),
+                                                   name="log-recovery"))
         try:
             yield pump
         finally:

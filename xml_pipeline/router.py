@@ -30,6 +30,7 @@ from xml_pipeline.errors import (
     BusyError,
     EnvelopeError,
     LogError,
+    LogWriteError,
     ThreadClosedError,
     UndeclaredPeerError,
     UnknownListenerError,
@@ -72,6 +73,13 @@ def _text(value: str) -> str:
 
 def _maybe(value: str | None) -> str | None:
     return None if value is None else _text(value)
+
+
+def _reason(exc: BaseException) -> str:
+    cause = exc.__cause__
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror
+    return str(exc).rstrip(".")
 
 
 def _did_you_mean(word: str, names: Any) -> str:
@@ -118,8 +126,14 @@ class Router:
 
         Returns once the message is durable. Raises an ``XmlError``/``RoutingError`` subclass
         (recorded as ``MessageRejected``) or, when the target's mailbox is full, waits for room
-        (``wait=True``) or raises ``MailboxFullError`` (not recorded: try again later).
+        (``wait=True``) or raises ``MailboxFullError`` (not recorded: try again later). While
+        the log cannot be written, raises ``LogWriteError`` at once.
         """
+        fault = self._ledger.fault
+        if fault is not None:
+            raise LogWriteError(
+                f"The event log cannot be written ({_reason(fault)}), so no message is "
+                "accepted until it can; nothing was acknowledged. Retry shortly.")
         try:
             if to is None:
                 envelope = parse_envelope(data if isinstance(data, str | bytes) else

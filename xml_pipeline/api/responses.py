@@ -93,6 +93,8 @@ class ApiError(Exception):
                                    for p in problems]
         headers = {}
         retry_after = getattr(exc, "retry_after", None)
+        if retry_after is None and exc.code.startswith("log_"):
+            retry_after = 1.0
         if retry_after is not None:
             headers["Retry-After"] = str(max(1, round(retry_after)))
         return cls(exc.code, exc.message, details=details or None, headers=headers)

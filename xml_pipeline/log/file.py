@@ -199,6 +199,29 @@ class _Writer:
         except RuntimeError:  # the loop is closed: nobody is waiting any more
             pass
 
+    def probe(self) -> None:
+        """Check, from the caller's thread while nothing is in flight, that the disk takes a
+        write and an fsync: cut the segment back to its durable size, write one byte, sync,
+        cut it off again, sync. Raises ``LogWriteError``; on success the writer is usable."""
+        with self._cond:
+            if self.in_flight:
+                raise LogWriteError("The log is still finishing a write; probe again later.")
+            try:
+                if self._fd is not None:
+                    os.close(self._fd)
+                    self._fd = None
+                self._open_segment(self.durable_position + 1)
+                assert self._fd is not None
+                os.ftruncate(self._fd, self.size)
+                os.write(self._fd, b"\0")
+                os.fdatasync(self._fd)
+                os.ftruncate(self._fd, self.size)
+                os.fdatasync(self._fd)
+            except OSError as exc:
+                raise LogWriteError(f"The event log still cannot be written "
+                                    f"({exc.strerror or exc}).") from exc
+            self.failure = None
+
     def reset_failure(self) -> bool:
         """Forget a failure once nothing is in flight; True if the writer is usable again."""
         with self._cond:
@@ -312,6 +335,16 @@ class FileLog:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+    async def probe(self) -> None:
+        """Raise ``LogWriteError`` unless the disk takes a write and an fsync now; on success,
+        appends start again from the last durable record."""
+        writer = self._writer
+        if writer is None:
+            raise LogWriteError(f"The log at {self.directory} was opened read-only.")
+        await asyncio.to_thread(writer.probe)
+        self._next_position = writer.durable_position + 1
+        self._previous_hash = writer.durable_hash
 
     def seek_hint(self, position: int, segment: str, offset: int) -> None:
         """Remember that the record at ``position`` starts at ``segment``:``offset`` (a snapshot

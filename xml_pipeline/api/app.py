@@ -22,7 +22,12 @@ from starlette.responses import Response
 from starlette.routing import Mount, Route
 
 from xml_pipeline.api import commands, stream, views
-from xml_pipeline.api.auth import AuthMiddleware, BodyLimitMiddleware, RequestIdMiddleware
+from xml_pipeline.api.auth import (
+    AuthMiddleware,
+    BodyLimitMiddleware,
+    LocalOnlyMiddleware,
+    RequestIdMiddleware,
+)
 from xml_pipeline.api.metrics import Observer, metrics
 from xml_pipeline.api.openapi import document
 from xml_pipeline.api.responses import ApiError, JSONResponse, error_response
@@ -131,6 +136,7 @@ def create_app(organism: Organism, *, data: Path | None = None, token: str | Non
     middleware = [
         Middleware(RequestIdMiddleware),
         Middleware(AuthMiddleware, token=token),
+        Middleware(LocalOnlyMiddleware, token=token),
         Middleware(BodyLimitMiddleware, limit=limit, exempt=("/api/v1/inject",)),
     ]
     routes = [

@@ -18,7 +18,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from xml_pipeline.api.responses import _encoder
 
-__all__ = ["AuthMiddleware", "BodyLimitMiddleware", "RequestIdMiddleware", "TOKEN_ENV"]
+__all__ = ["AuthMiddleware", "BodyLimitMiddleware", "LocalOnlyMiddleware",
+           "RequestIdMiddleware", "TOKEN_ENV"]
 
 TOKEN_ENV = "XML_PIPELINE_API_TOKEN"
 _PROTECTED = ("/api/v1", "/metrics")
@@ -93,6 +94,53 @@ class AuthMiddleware:
                           "A valid 'Authorization: Bearer <token>' header is required "
                           f"(the token is the server's {TOKEN_ENV}).",
                           [(b"www-authenticate", b'Bearer realm="xml-pipeline"')])
+
+
+_LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
+
+
+def _hostname(value: str) -> str:
+    """The host of a ``Host`` header or of an ``Origin`` URL, without port or scheme."""
+    value = value.strip().lower()
+    if "://" in value:
+        value = value.split("://", 1)[1]
+    value = value.split("/", 1)[0]
+    if value.startswith("["):
+        return value.split("]", 1)[0] + "]"
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+class LocalOnlyMiddleware:
+    """Without a token, only this machine may talk to the API: a ``Host`` that is not a
+    loopback name (DNS rebinding) or an ``Origin`` of another site (a web page making the
+    browser post to 127.0.0.1, or opening a WebSocket) gets 403. With a token, the token
+    decides and this guard stands aside."""
+
+    def __init__(self, app: ASGIApp, *, token: str | None) -> None:
+        self.app = app
+        self.active = not token
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self.active or scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        host = _hostname(headers.get("host", "127.0.0.1"))
+        origin = headers.get("origin")
+        if host in _LOOPBACK_NAMES and (origin is None or origin == "null"
+                                        or _hostname(origin) in _LOOPBACK_NAMES):
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008,
+                        "reason": "only local pages may connect without a token"})
+            return
+        what = (f"the Host {headers.get('host')!r}" if host not in _LOOPBACK_NAMES
+                else f"a page of {origin!r}")
+        await _send_error(scope, send, 403, "forbidden_origin",
+                          f"Requests from {what} are refused: without an API token only this "
+                          f"machine's own clients may use the API. Set {TOKEN_ENV} to allow "
+                          "others.")
 
 
 class BodyLimitMiddleware:

@@ -39,6 +39,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "client_disconnected": 400,
     "unauthorized": 401,
     "undeclared_peer": 403,
+    "forbidden_origin": 403,
     "not_found": 404,
     "unknown_listener": 404,
     "method_not_allowed": 405,

@@ -65,7 +65,8 @@ PRICES: dict[str, tuple[float, float]] = {
     "claude-haiku-4-5": (1.0, 5.0),
 }
 
-_SEND = re.compile(r"<send\s+to\s*=\s*[\"']([^\"']*)[\"']\s*>(.*?)</send\s*>", re.S)
+_OPEN = re.compile(r"<send\s+to\s*=\s*[\"']([^\"'<>]{0,200})[\"']\s*>")
+_CLOSE = re.compile(r"</send\s*>")
 
 
 def estimate_tokens(text: str) -> int:
@@ -74,8 +75,21 @@ def estimate_tokens(text: str) -> int:
 
 
 def extract_sends(text: str) -> list[tuple[str, str]]:
-    """Every ``(to, payload text)`` of ``<send to="...">...</send>`` in an answer, in order."""
-    return [(to.strip(), body.strip()) for to, body in _SEND.findall(text)]
+    """Every ``(to, payload text)`` of ``<send to="...">...</send>`` in an answer, in order.
+    One pass over the text (a hostile answer cannot make it quadratic)."""
+    found = []
+    position = 0
+    while (start := text.find("<send", position)) >= 0:
+        opening = _OPEN.match(text, start)
+        if opening is None:
+            position = start + 5
+            continue
+        closing = _CLOSE.search(text, opening.end())
+        if closing is None:
+            break
+        found.append((opening.group(1).strip(), text[opening.end():closing.start()].strip()))
+        position = closing.end()
+    return found
 
 
 def _cost(listener: Listener, usage: Any) -> float:

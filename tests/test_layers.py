@@ -12,7 +12,7 @@ PACKAGE = Path(xml_pipeline.__file__).parent
 # Lower layers first. A module may import modules of its own or an earlier layer.
 LAYERS = [
     {"errors", "types", "histogram"},
-    {"ids", "xmlsafe"},
+    {"ids", "xmlsafe", "yamlsafe"},
     {"schemas", "envelope"},
     {"organism"},
     {"events"},

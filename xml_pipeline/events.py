@@ -9,6 +9,7 @@ never a silent skip.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeAlias
@@ -329,17 +330,40 @@ class Recorded:
     event: Event
 
 
+#: The float fields of each event: JSON has no NaN or infinity (msgspec writes them as null),
+#: so a record holding one could never be read back.
+_FLOATS: dict[type[Event], tuple[str, ...]] = {
+    cls: tuple(f.name for f in fields(cls) if f.type in ("float", "float | None"))
+    for cls in CATALOGUE.values()
+}
+
+
 def encode(event: Event) -> tuple[bytes, int, bytes]:
-    """``(type, version, data)`` of an event; ``data`` is JSON."""
+    """``(type, version, data)`` of an event; ``data`` is JSON that ``decode`` turns back into
+    an equal event. Raises ``TypeError`` for an event outside the catalogue and ``ValueError``
+    for one that could not be read back (a NaN or infinite number, text with a lone
+    surrogate), so that no such record is ever written."""
+    cls = type(event)
     try:
-        name, version = _TYPE_BYTES[type(event)]
+        name, version = _TYPE_BYTES[cls]
     except KeyError:
-        raise TypeError(f"{type(event).__name__} is not in the event catalogue.") from None
-    return name, version, _encoder.encode(event)
+        raise TypeError(f"{cls.__name__} is not in the event catalogue.") from None
+    for key in _FLOATS[cls]:
+        value = getattr(event, key)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{cls.__name__}.{key} is {value!r}, which JSON cannot hold; "
+                             "the code that made this event must give a finite number.")
+    try:
+        return name, version, _encoder.encode(event)
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{cls.__name__} holds text with a lone surrogate "
+                         f"({exc.object[exc.start:exc.end]!r}), which cannot be stored; the "
+                         "code that made this event must escape or replace it.") from exc
 
 
 def decode(type_name: bytes | str, version: int, data: bytes) -> Event:
-    """The event stored as ``(type, version, data)``. Raises ``RecordDecodeError``."""
+    """The event stored as ``(type, version, data)``. Raises ``RecordDecodeError`` (and nothing
+    else) for an unknown type or version and for data that is not the event's JSON."""
     name = type_name.decode("ascii", "replace") if isinstance(type_name, bytes) else type_name
     current = VERSIONS.get(name)
     if current is None:
@@ -347,27 +371,37 @@ def decode(type_name: bytes | str, version: int, data: bytes) -> Event:
             f"Unknown event type {name!r}; this version of xml-pipeline does not know it "
             "(upgrade xml-pipeline to read this log)."
         )
+    damaged = ("; the log was written by another build of xml-pipeline or damaged, so run "
+               "'xml-pipeline replay --verify'.")
+    if version < 1:
+        raise RecordDecodeError(f"{name} version {version} cannot be (versions start at 1)"
+                                f"{damaged}")
+    if version > current:
+        raise RecordDecodeError(
+            f"{name} version {version} is not known (this build reads versions 1 to "
+            f"{current}); upgrade xml-pipeline to read this log."
+        )
     try:
         if version == current:
             return _decoders[name].decode(data)
-        if version > current or version < 1:
-            raise RecordDecodeError(
-                f"{name} version {version} is not known (this build reads up to version "
-                f"{current}); upgrade xml-pipeline to read this log."
-            )
         raw = msgspec.json.decode(data)
         for step in range(version, current):
             upcaster = UPCASTERS.get((name, step))
             if upcaster is None:
                 raise RecordDecodeError(
-                    f"No upcaster from {name} version {step} to {step + 1}."
+                    f"No upcaster turns {name} version {step} into version {step + 1}; "
+                    "this build cannot read the record, so use the build that wrote it."
                 )
             raw = upcaster(raw)
         return msgspec.convert(raw, CATALOGUE[name])
     except msgspec.ValidationError as exc:
-        raise RecordDecodeError(f"{name} data does not fit the event: {exc}.") from exc
-    except msgspec.DecodeError as exc:
-        raise RecordDecodeError(f"{name} data cannot be decoded: {exc}.") from exc
+        raise RecordDecodeError(f"The {name} data does not fit the event ({exc})"
+                                f"{damaged}") from exc
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # invalid UTF-8 in a string
+        raise RecordDecodeError(f"The {name} data is not JSON ({exc}){damaged}") from exc
+    except RecursionError as exc:  # msgspec's guard against deep nesting in ``Any`` fields
+        raise RecordDecodeError(f"The {name} data is nested too deeply to decode"
+                                f"{damaged}") from exc
 
 
 def event_fields(cls: type[Event]) -> tuple[str, ...]:

@@ -3,6 +3,9 @@
 ``load_organism(path)`` reads the file, checks everything (YAML syntax, unknown keys with a
 "did you mean", types and ranges, unique names, schemas that compile, handlers that import,
 peers that exist) and raises one ``OrganismError`` listing every problem with file:line.
+It raises nothing else for any text, and its work is bounded: the YAML is read by
+``yamlsafe`` (limits on nesting, aliases and listed problems), numbers must be finite and in
+range, and each schema and handler is loaded once however many listeners name it.
 Nothing runs before this succeeds; the pump never reads YAML.
 
 Relative paths (schemas, the log) resolve against the file's own folder, and that folder is
@@ -11,11 +14,12 @@ importable for ``handler: module:function``.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import importlib
 import inspect
+import math
 import re
+import stat
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -23,12 +27,11 @@ from pathlib import Path
 from types import MappingProxyType, ModuleType
 from typing import Any
 
-import yaml
-
 from xml_pipeline.envelope import is_valid_name
 from xml_pipeline.errors import OrganismError, Problem, SchemaError
 from xml_pipeline.schemas import PayloadSchema, load_schema
 from xml_pipeline.xmlsafe import XmlLimits
+from xml_pipeline.yamlsafe import YamlDocument, did_you_mean, show, where
 
 __all__ = [
     "AgentConfig",
@@ -46,6 +49,12 @@ __all__ = [
 #: Senders the bus uses for messages that no listener sent; no listener may take these names.
 RESERVED_SENDERS = frozenset({"api", "cli", "system"})
 FSYNC_POLICIES = ("always", "batch", "never")
+#: The most workers one listener may have (each is a task the pump keeps for the listener).
+MAX_CONCURRENCY = 1024
+#: The longest timeout or retry backoff: beyond it, doubling backoffs soon overflow a float.
+MAX_DURATION = 7 * 24 * 3600.0
+#: The highest price (USD per million tokens): far above any model's, far below overflow.
+MAX_PRICE = 1_000_000
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -147,137 +156,50 @@ class Organism:
     listeners: Mapping[str, Listener]
 
 
-# --------------------------------------------------------------------------- YAML with lines
-
-
-class _Doc:
-    """Plain values from YAML plus the line of every value and key, addressed by path."""
-
-    def __init__(self, file: str) -> None:
-        self.file = file
-        self.lines: dict[tuple[Any, ...], int] = {}
-        self.problems: list[Problem] = []
-        self._constructor = yaml.constructor.SafeConstructor()
-
-    def convert(self, node: yaml.Node, path: tuple[Any, ...] = ()) -> Any:
-        self.lines[path] = node.start_mark.line + 1
-        if isinstance(node, yaml.MappingNode):
-            result: dict[Any, Any] = {}
-            for key_node, value_node in node.value:
-                key = self._constructor.construct_object(key_node, deep=True)
-                if not isinstance(key, str):
-                    self.problem(path, f"Keys must be text, not {key!r}.")
-                    continue
-                if key in result:
-                    first = self.lines.get((*path, key))
-                    self.problem(
-                        path,
-                        f"The key '{key}' appears twice (first on line {first}); keep one.",
-                        line=key_node.start_mark.line + 1,
-                    )
-                result[key] = self.convert(value_node, (*path, key))
-            return result
-        if isinstance(node, yaml.SequenceNode):
-            return [self.convert(item, (*path, i)) for i, item in enumerate(node.value)]
-        return self._constructor.construct_object(node, deep=True)
-
-    def line(self, path: tuple[Any, ...]) -> int | None:
-        while path and path not in self.lines:
-            path = path[:-1]
-        return self.lines.get(path)
-
-    def problem(self, path: tuple[Any, ...], message: str, *, line: int | None = None) -> None:
-        self.problems.append(
-            Problem(file=self.file, line=line if line is not None else self.line(path),
-                    message=message)
-        )
-
-
-def _did_you_mean(word: str, choices: Any) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" Did you mean '{close[0]}'?" if close else ""
-
-
-def _where(path: tuple[Any, ...]) -> str:
-    out = ""
-    for step in path:
-        out += f"[{step}]" if isinstance(step, int) else (f".{step}" if out else step)
-    return out or "the top level"
-
-
-def _check_keys(doc: _Doc, value: dict[str, Any], path: tuple[Any, ...], allowed: tuple[str, ...]
-                ) -> None:
-    for key in value:
-        if key not in allowed:
-            doc.problem(
-                (*path, key),
-                f"Unknown key '{key}' in {_where(path)}.{_did_you_mean(key, allowed)} "
-                f"Allowed keys: {', '.join(allowed)}.",
-            )
-
-
-def _mapping(doc: _Doc, value: Any, path: tuple[Any, ...], allowed: tuple[str, ...]
-             ) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        doc.problem(path, f"{_where(path)} must be a mapping (key: value lines), "
-                          f"not {type(value).__name__}.")
-        return {}
-    _check_keys(doc, value, path, allowed)
-    return value
-
-
-def _int(doc: _Doc, value: Any, path: tuple[Any, ...], *, minimum: int, default: int | None
-         ) -> int | None:
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        doc.problem(path, f"{_where(path)} must be a whole number of at least {minimum}, "
-                          f"not {value!r}.")
-        return default
-    return value
-
-
-def _text(doc: _Doc, value: Any, path: tuple[Any, ...], *, required: bool = False
-          ) -> str | None:
-    if value is None:
-        if required:
-            doc.problem(path, f"{_where(path)} is required.")
-        return None
-    if not isinstance(value, str) or (required and not value.strip()):
-        doc.problem(path, f"{_where(path)} must be non-empty text, not {value!r}.")
-        return None
-    return value
-
-
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*\Z")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
 def parse_duration(value: Any) -> float:
-    """Seconds from ``30``, ``1.5``, ``"500ms"``, ``"30s"``, ``"2m"`` or ``"1h"``."""
+    """Seconds from ``30``, ``1.5``, ``"500ms"``, ``"30s"``, ``"2m"`` or ``"1h"``. Raises
+    ``ValueError`` for anything else, including negative, infinite and NaN durations."""
     if isinstance(value, bool):
         raise ValueError(value)
     if isinstance(value, int | float):
-        if value < 0:
+        seconds = _finite(value)
+    else:
+        match = _DURATION.match(value) if isinstance(value, str) else None
+        if not match:
             raise ValueError(value)
-        return float(value)
-    match = _DURATION.match(str(value))
-    if not match:
+        seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    if seconds is None or not seconds >= 0 or math.isinf(seconds):
         raise ValueError(value)
-    return float(match.group(1)) * _UNITS[match.group(2)]
+    return seconds
+
+
+def _finite(value: int | float) -> float | None:
+    """``value`` as a float, or None if it is not a finite number (NaN, infinity, a huge int)."""
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _duration(doc: _Doc, value: Any, path: tuple[Any, ...], default: float) -> float:
     if value is None:
         return default
     try:
-        return parse_duration(value)
+        seconds = parse_duration(value)
     except ValueError:
-        doc.problem(path, f"{_where(path)} must be a duration such as 30s, 500ms or 2m, "
-                          f"not {value!r}.")
+        doc.problem(path, f"{where(path)} must be a duration such as 30s, 500ms or 2m, "
+                          f"not {show(value)}.")
         return default
+    if seconds > MAX_DURATION:
+        doc.problem(path, f"{where(path)} must be at most {MAX_DURATION / 3600:g}h, "
+                          f"not {show(value)}.")
+        return default
+    return seconds
 
 
 # --------------------------------------------------------------------------- sections
@@ -296,30 +218,40 @@ _PRICES = ("input", "output")
 _RETRIES = ("max", "backoff")
 
 
+class _Doc(YamlDocument):
+    """The organism file being loaded, with what one load reads once: schemas and handlers."""
+
+    def __init__(self, file: str) -> None:
+        super().__init__(file)
+        self.schemas: dict[str, PayloadSchema | SchemaError] = {}
+        self.handlers: dict[str, Callable[..., Any] | str] = {}
+
+
 def _budget(doc: _Doc, value: Any, path: tuple[Any, ...], allowed: tuple[str, ...]) -> Budget:
-    raw = _mapping(doc, value, path, allowed)
-    numbers = {k: _int(doc, raw.get(k), (*path, k), minimum=1, default=None) for k in allowed}
+    raw = doc.mapping(value, path, allowed)
+    numbers = {k: doc.whole_number(raw.get(k), (*path, k), minimum=1, default=None)
+               for k in allowed}
     return Budget(**numbers)
 
 
 def _log(doc: _Doc, value: Any, root: Path) -> LogConfig:
     path = ("organism", "log")
-    raw = _mapping(doc, value, path, _LOG)
-    url = _text(doc, raw.get("url"), (*path, "url"))
-    where = _text(doc, raw.get("path"), (*path, "path"))
-    if url is not None and where is not None:
+    raw = doc.mapping(value, path, _LOG)
+    url = doc.text(raw.get("url"), (*path, "url"))
+    folder = _file_name(doc, doc.text(raw.get("path"), (*path, "path")), (*path, "path"))
+    if url is not None and folder is not None:
         doc.problem(path, "organism.log has both 'path' and 'url'; keep one.")
     if url is not None and not url.startswith(("nats://", "tls://")):
-        doc.problem((*path, "url"), f"organism.log.url must start with nats://, not {url!r}.")
+        doc.problem((*path, "url"), f"organism.log.url must start with nats://, not {show(url)}.")
     fsync = raw.get("fsync", "batch")
-    if fsync not in FSYNC_POLICIES:
+    if not isinstance(fsync, str) or fsync not in FSYNC_POLICIES:
+        hint = did_you_mean(fsync, FSYNC_POLICIES) if isinstance(fsync, str) else ""
         doc.problem((*path, "fsync"), f"organism.log.fsync must be one of "
-                                      f"{', '.join(FSYNC_POLICIES)}, not {fsync!r}."
-                                      f"{_did_you_mean(str(fsync), FSYNC_POLICIES)}")
+                                      f"{', '.join(FSYNC_POLICIES)}, not {show(fsync)}.{hint}")
         fsync = "batch"
-    segment = _int(doc, raw.get("segment_bytes"), (*path, "segment_bytes"), minimum=4096,
-                   default=64 * 1024 * 1024)
-    log_path = None if url else (root / (where or ".xml-pipeline/events"))
+    segment = doc.whole_number(raw.get("segment_bytes"), (*path, "segment_bytes"),
+                               minimum=4096, default=64 * 1024 * 1024)
+    log_path = None if url else (root / (folder or ".xml-pipeline/events"))
     return LogConfig(path=log_path, url=url, fsync=fsync, segment_bytes=segment or 0)
 
 
@@ -356,72 +288,111 @@ def _import_fresh(name: str) -> ModuleType:
 
 def _import_handler(doc: _Doc, ref: str, path: tuple[Any, ...], root: Path
                     ) -> Callable[..., Any] | None:
-    module_name, _, attr = ref.partition(":")
-    if not module_name or not attr:
-        doc.problem(path, f"handler {ref!r} must be written 'module:function', "
-                          "for example examples.hello:greet.")
+    found = doc.handlers.get(ref)
+    if found is None:  # each reference is resolved once per load, however often it is used
+        found = doc.handlers[ref] = _resolve_handler(ref, root)
+    if isinstance(found, str):
+        doc.problem(path, found)
         return None
+    return found
+
+
+def _resolve_handler(ref: str, root: Path) -> Callable[..., Any] | str:
+    """The handler function ``ref`` names, or the sentence that says why there is none."""
+    module_name, _, attr = ref.partition(":")
+    if not (attr.isidentifier() and all(part.isidentifier() for part in module_name.split("."))):
+        return (f"handler {show(ref)} must be written 'module:function', "
+                "for example examples.hello:greet.")
     folder = str(root)
     if folder not in sys.path:
         sys.path.insert(0, folder)
     try:
         module = _import_fresh(module_name)
     except ModuleNotFoundError as exc:
-        doc.problem(path, f"handler {ref!r}: cannot import module '{module_name}' ({exc}); "
-                          f"module paths are relative to {folder}.")
-        return None
+        return (f"handler {show(ref)}: cannot import module '{module_name}' ({exc}); "
+                f"module paths are relative to {folder}.")
     except Exception as exc:  # any error raised while importing the operator's code
-        doc.problem(path, f"handler {ref!r}: importing '{module_name}' raised "
-                          f"{type(exc).__name__}: {exc}.")
-        return None
+        return (f"handler {show(ref)}: importing '{module_name}' raised "
+                f"{type(exc).__name__}: {exc}.")
     fn = getattr(module, attr, None)
     if fn is None:
         public = [n for n in vars(module) if not n.startswith("_")]
-        doc.problem(path, f"handler {ref!r}: module '{module_name}' has no '{attr}'."
-                          f"{_did_you_mean(attr, public)}")
-        return None
+        return (f"handler {show(ref)}: module '{module_name}' has no '{attr}'."
+                f"{did_you_mean(attr, public)}")
     if not inspect.iscoroutinefunction(fn):
-        doc.problem(path, f"handler {ref!r} must be an 'async def' function taking "
-                          "(payload, ctx).")
-        return None
+        return (f"handler {show(ref)} must be an 'async def' function taking "
+                "(payload, ctx).")
     return fn
+
+
+def _file_name(doc: _Doc, value: str | None, path: tuple[Any, ...]) -> str | None:
+    """``value`` if it can name a file; a NUL character cannot (the OS would refuse it)."""
+    if value is not None and "\0" in value:
+        doc.problem(path, f"{where(path)} {show(value)} holds a NUL character, which no file "
+                          "name can; remove it.")
+        return None
+    return value
+
+
+def _payload_schema(doc: _Doc, payload: str, path: tuple[Any, ...], file_dir: Path
+                    ) -> PayloadSchema | None:
+    found = doc.schemas.get(payload)
+    if found is None:  # each file is compiled once per load, however many listeners use it
+        target = file_dir / payload
+        try:
+            mode = target.stat().st_mode
+        except OSError:  # load_schema says why it cannot be read
+            mode = stat.S_IFREG
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            # A device or a pipe (/dev/zero, /dev/stdin) could be read forever.
+            doc.problem(path, f"payload {show(payload)} is not a file but a device or a pipe; "
+                              "point 'payload' at an XSD file.")
+            return None
+        try:
+            found = load_schema(target)
+        except SchemaError as exc:
+            found = exc
+        doc.schemas[payload] = found
+    if isinstance(found, SchemaError):
+        doc.problem(path, f"payload {show(payload)}: {found.message}")
+        if found.problem.line is not None and not doc.full:  # also point into the XSD itself
+            doc.problems.append(found.problem)
+        return None
+    return found
 
 
 def _listener(doc: _Doc, raw: Any, index: int, root: Path, file_dir: Path) -> Listener | None:
     path: tuple[Any, ...] = ("listeners", index)
-    value = _mapping(doc, raw, path, _LISTENER)
+    value = doc.mapping(raw, path, _LISTENER)
     if not value:
         if raw is not None and not isinstance(raw, dict):
             return None
         doc.problem(path, f"listeners[{index}] is empty; give it at least name, description "
                           "and payload.")
         return None
-    name = _text(doc, value.get("name"), (*path, "name"), required=True)
+    name = doc.text(value.get("name"), (*path, "name"), required=True)
     if name is not None and not is_valid_name(name):
-        doc.problem((*path, "name"), f"Listener name {name!r} must start with a letter and hold "
-                                     "only letters, digits, '_', '-' or '.' (64 at most).")
+        doc.problem((*path, "name"), f"Listener name {show(name)} must start with a letter "
+                                     "and hold only letters, digits, '_', '-' or '.' "
+                                     "(64 at most).")
     elif name in RESERVED_SENDERS:
-        doc.problem((*path, "name"), f"Listener name {name!r} is reserved for the bus; "
+        doc.problem((*path, "name"), f"Listener name {show(name)} is reserved for the bus; "
                                      "choose another.")
-    description = _text(doc, value.get("description"), (*path, "description"), required=True)
+    description = doc.text(value.get("description"), (*path, "description"), required=True)
     schema: PayloadSchema | None = None
-    payload = _text(doc, value.get("payload"), (*path, "payload"), required=True)
+    payload = _file_name(doc, doc.text(value.get("payload"), (*path, "payload"),
+                                       required=True), (*path, "payload"))
     if payload is not None:
-        try:
-            schema = load_schema(file_dir / payload)
-        except SchemaError as exc:
-            doc.problem((*path, "payload"), f"payload {payload!r}: {exc.message}")
-            if exc.problem.line is not None:  # also point into the XSD itself
-                doc.problems.append(exc.problem)
-    handler = _text(doc, value.get("handler"), (*path, "handler"))
+        schema = _payload_schema(doc, payload, (*path, "payload"), file_dir)
+    handler = doc.text(value.get("handler"), (*path, "handler"))
     handler_fn = None
     agent = None
     if "agent" in value:
         agent = _agent(doc, value["agent"], (*path, "agent"))
     if handler is not None and "agent" in value:
-        doc.problem(path, f"Listener {name!r} has both 'handler' and 'agent'; keep one.")
+        doc.problem(path, f"Listener {show(name)} has both 'handler' and 'agent'; keep one.")
     elif handler is None and "agent" not in value:
-        doc.problem(path, f"Listener {name!r} needs a 'handler: module:function' or an "
+        doc.problem(path, f"Listener {show(name)} needs a 'handler: module:function' or an "
                           "'agent:' block.")
     if handler is not None:
         handler_fn = _import_handler(doc, handler, (*path, "handler"), root)
@@ -430,17 +401,17 @@ def _listener(doc: _Doc, raw: Any, index: int, root: Path, file_dir: Path) -> Li
     if peers_raw is not None:
         if not isinstance(peers_raw, list) or not all(isinstance(p, str) for p in peers_raw):
             doc.problem((*path, "peers"), "peers must be a list of listener names, "
-                                          f"not {peers_raw!r}.")
+                                          f"not {show(peers_raw)}.")
         else:
             peers = peers_raw
-    retries_raw = _mapping(doc, value.get("retries"), (*path, "retries"), _RETRIES)
+    retries_raw = doc.mapping(value.get("retries"), (*path, "retries"), _RETRIES)
     retries = RetryPolicy(
-        max=_int(doc, retries_raw.get("max"), (*path, "retries", "max"), minimum=0,
-                 default=0) or 0,
+        max=doc.whole_number(retries_raw.get("max"), (*path, "retries", "max"), minimum=0,
+                             default=0) or 0,
         backoff=_duration(doc, retries_raw.get("backoff"), (*path, "retries", "backoff"), 1.0),
     )
-    concurrency = _int(doc, value.get("concurrency"), (*path, "concurrency"), minimum=1,
-                       default=1) or 1
+    concurrency = doc.whole_number(value.get("concurrency"), (*path, "concurrency"),
+                                   minimum=1, maximum=MAX_CONCURRENCY, default=1) or 1
     timeout = _duration(doc, value.get("timeout"), (*path, "timeout"), 30.0)
     budget = _budget(doc, value.get("budget"), (*path, "budget"), _LISTENER_BUDGET)
     if name is None or description is None or schema is None:
@@ -462,29 +433,33 @@ def _listener(doc: _Doc, raw: Any, index: int, root: Path, file_dir: Path) -> Li
 
 
 def _agent(doc: _Doc, raw: Any, path: tuple[Any, ...]) -> AgentConfig | None:
-    value = _mapping(doc, raw, path, _AGENT)
-    model = _text(doc, value.get("model"), (*path, "model"), required=True)
-    system = _text(doc, value.get("system"), (*path, "system"), required=True)
-    max_tokens = _int(doc, value.get("max_tokens"), (*path, "max_tokens"), minimum=1,
-                      default=1024)
+    value = doc.mapping(raw, path, _AGENT)
+    model = doc.text(value.get("model"), (*path, "model"), required=True)
+    system = doc.text(value.get("system"), (*path, "system"), required=True)
+    max_tokens = doc.whole_number(value.get("max_tokens"), (*path, "max_tokens"), minimum=1,
+                                  default=1024)
     temperature = value.get("temperature")
     if temperature is not None and (
         isinstance(temperature, bool) or not isinstance(temperature, int | float)
         or not 0 <= temperature <= 1
     ):
         doc.problem((*path, "temperature"), "agent.temperature must be a number from 0 to 1, "
-                                            f"not {temperature!r}.")
+                                            f"not {show(temperature)}.")
         temperature = None
-    prices = _mapping(doc, value.get("prices"), (*path, "prices"), _PRICES)
+    prices = doc.mapping(value.get("prices"), (*path, "prices"), _PRICES)
     price: dict[str, float | None] = {}
     for key in _PRICES:
         raw = prices.get(key)
-        if raw is not None and (isinstance(raw, bool) or not isinstance(raw, int | float)
-                                or raw < 0):
-            doc.problem((*path, "prices", key), f"agent.prices.{key} must be a price in USD per "
-                                                f"million tokens (a number), not {raw!r}.")
-            raw = None
-        price[key] = None if raw is None else float(raw)
+        number = None
+        if raw is not None:
+            if not isinstance(raw, bool) and isinstance(raw, int | float):
+                number = _finite(raw)
+            if number is None or not 0 <= number <= MAX_PRICE:
+                doc.problem((*path, "prices", key), f"agent.prices.{key} must be a price in USD "
+                                                    f"per million tokens (a number from 0 to "
+                                                    f"{MAX_PRICE:,}), not {show(raw)}.")
+                number = None
+        price[key] = number
     if model is None or system is None:
         return None
     return AgentConfig(model=model, system=system, max_tokens=max_tokens or 1024,
@@ -506,44 +481,33 @@ def load_organism(path: str | Path) -> Organism:
 def parse_organism(text: str, *, path: Path) -> Organism:
     """Validate organism YAML ``text`` as if read from ``path`` (which anchors relative paths)."""
     doc = _Doc(str(path))
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        reason = getattr(exc, "problem", None) or str(exc)
-        context = getattr(exc, "context", None)
-        detail = f"{reason} ({context})" if context else str(reason)
-        raise OrganismError([Problem(file=str(path), line=mark.line + 1 if mark else None,
-                                     message=f"This is not valid YAML: {detail}.")]) from exc
-    if node is None:
+    data = doc.read(text)
+    if doc.empty:
         raise OrganismError([Problem(file=str(path), line=1, message=(
             "The file is empty; it needs an 'organism:' section and a 'listeners:' list."))])
-    try:
-        data = doc.convert(node)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise OrganismError([Problem(file=str(path), line=mark.line + 1 if mark else None,
-                                     message=f"This is not valid YAML: {exc}.")]) from exc
     file_dir = path.resolve().parent
-    top = _mapping(doc, data, (), _TOP)
-    org = _mapping(doc, top.get("organism"), ("organism",), _ORGANISM)
+    top = doc.mapping(data, (), _TOP)
+    org = doc.mapping(top.get("organism"), ("organism",), _ORGANISM)
     if "organism" not in top:
         doc.problem((), "The 'organism:' section is missing; add 'organism: {name: my-organism}'.")
-    name = _text(doc, org.get("name"), ("organism", "name"), required="organism" in top) or ""
+    name = doc.text(org.get("name"), ("organism", "name"), required="organism" in top) or ""
     log = _log(doc, org.get("log"), file_dir)
-    api_raw = _mapping(doc, org.get("api"), ("organism", "api"), _API)
-    host = _text(doc, api_raw.get("host"), ("organism", "api", "host")) or "127.0.0.1"
-    port = _int(doc, api_raw.get("port"), ("organism", "api", "port"), minimum=0, default=8765)
+    api_raw = doc.mapping(org.get("api"), ("organism", "api"), _API)
+    host = doc.text(api_raw.get("host"), ("organism", "api", "host")) or "127.0.0.1"
+    port = doc.whole_number(api_raw.get("port"), ("organism", "api", "port"), minimum=0,
+                            default=8765)
     if port is not None and port > 65535:
         doc.problem(("organism", "api", "port"), f"organism.api.port must be at most 65535, "
-                                                 f"not {port}.")
+                                                 f"not {show(port)}.")
     budgets = _budget(doc, org.get("budgets"), ("organism", "budgets"), _BUDGETS)
-    limits_raw = _mapping(doc, org.get("limits"), ("organism", "limits"), _LIMITS)
+    limits_raw = doc.mapping(org.get("limits"), ("organism", "limits"), _LIMITS)
     limits = XmlLimits(
-        max_bytes=_int(doc, limits_raw.get("max_bytes"), ("organism", "limits", "max_bytes"),
-                       minimum=256, default=1_048_576) or 1_048_576,
-        max_depth=min(_int(doc, limits_raw.get("max_depth"), ("organism", "limits", "max_depth"),
-                           minimum=2, default=64) or 64, 255),
+        max_bytes=doc.whole_number(limits_raw.get("max_bytes"),
+                                   ("organism", "limits", "max_bytes"),
+                                   minimum=256, default=1_048_576) or 1_048_576,
+        max_depth=min(doc.whole_number(limits_raw.get("max_depth"),
+                                       ("organism", "limits", "max_depth"),
+                                       minimum=2, default=64) or 64, 255),
     )
     raw_listeners = top.get("listeners")
     if raw_listeners is None:
@@ -559,23 +523,27 @@ def parse_organism(text: str, *, path: Path) -> Organism:
             continue
         if listener.name in listeners:
             first = listeners[listener.name].line
-            doc.problem(("listeners", index, "name"), f"Listener name {listener.name!r} is "
+            doc.problem(("listeners", index, "name"), f"Listener name {show(listener.name)} is "
                                                       f"already used on line {first}; "
                                                       "names must be unique.")
             continue
         listeners[listener.name] = listener
-    names = [raw["name"] for raw in raw_listeners
-             if isinstance(raw, dict) and isinstance(raw.get("name"), str)]
+    names = {raw["name"]: None for raw in raw_listeners
+             if isinstance(raw, dict) and isinstance(raw.get("name"), str)}
     for index, raw in enumerate(raw_listeners):
         if not isinstance(raw, dict) or not isinstance(raw.get("peers"), list):
             continue
         for j, peer in enumerate(raw["peers"]):
-            if isinstance(peer, str) and peer not in names:
+            if not isinstance(peer, str) or peer in names:
+                continue
+            if doc.full:  # no "did you mean" for problems that will not be listed
+                doc.unlisted += 1
+            else:
                 doc.problem(("listeners", index, "peers", j),
-                            f"Listener {raw.get('name')!r} sends to {peer!r}, which this "
-                            f"organism does not declare.{_did_you_mean(peer, names)}")
+                            f"Listener {show(raw.get('name'))} sends to {show(peer)}, which "
+                            f"this organism does not declare.{did_you_mean(peer, names)}")
     if doc.problems:
-        raise OrganismError(doc.problems)
+        raise OrganismError(doc.listed())
     digest = hashlib.sha256(text.encode("utf-8"))
     for listener in listeners.values():
         digest.update(listener.schema.digest.encode("ascii"))

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from xml_pipeline.errors import LogCorruptedError
+from xml_pipeline.errors import LogCorruptedError, RecordDecodeError
 from xml_pipeline.events import Recorded, decode
 
 __all__ = [
@@ -128,21 +128,27 @@ def _frame_at(buf: bytes | memoryview, offset: int, size: int
 
 
 def last_position_in(path: Path) -> int:
-    """The position of the last complete frame of a segment, from headers only (no checksum):
-    a cheap look for read-only openers; readers still check every frame they read."""
+    """The position of the last complete frame of a segment with a valid checksum, or 0: a
+    cheap look for read-only openers (it walks the headers, then checks frames from the end
+    until one is good); readers still check every frame they read."""
     with open(path, "rb") as handle:
         buf = handle.read()
     size = len(buf)
     offset = 0
-    last = 0
+    starts = []
     unpack = HEADER.unpack_from
     while size - offset >= HEADER_SIZE:
         head = unpack(buf, offset)
         end = offset + HEADER_SIZE + head[2] + head[5]
         if head[0] != MAGIC or end > size:
             break
-        last, offset = head[6], end
-    return last
+        starts.append(offset)
+        offset = end
+    for offset in reversed(starts):  # a damaged header must not name the last position
+        frame = _frame_at(buf, offset, size)
+        if not isinstance(frame, str):
+            return frame[3]
+    return 0
 
 
 def scan_segment(path: Path, *, expect_first: int | None = None) -> ScanResult:
@@ -320,13 +326,20 @@ class LogReader:
                         return
                     if position != next_position:
                         raise LogCorruptedError(
-                            f"The log is damaged: position {position} follows "
-                            f"{next_position - 1} in {segment.name}.",
+                            f"The log is damaged at position {next_position} "
+                            f"({segment.name}: position {position} at offset {base + offset}, "
+                            f"after {next_position - 1}); run 'xml-pipeline replay --verify' "
+                            "for details.",
                             position=next_position,
                         )
                     start = offset + HEADER_SIZE
-                    event = decode(bytes(view[start: start + type_len]), version,
-                                   bytes(view[start + type_len: end]))
+                    try:
+                        event = decode(bytes(view[start: start + type_len]), version,
+                                       bytes(view[start + type_len: end]))
+                    except RecordDecodeError as exc:
+                        raise RecordDecodeError(
+                            f"The record at position {position} ({segment.name}, offset "
+                            f"{base + offset}) cannot be read: {exc.message}") from exc
                     next_position = position + 1
                     offset = end
                     self.next_position = next_position

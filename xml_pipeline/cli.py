@@ -25,7 +25,14 @@ from xml_pipeline.events import CATALOGUE, Event, Recorded
 from xml_pipeline.log.file import open_file_log
 from xml_pipeline.log.segments import verify_log
 from xml_pipeline.organism import Organism, load_organism
-from xml_pipeline.remote import inject_command, remote_command, tail_command, usage_command
+from xml_pipeline.remote import (
+    Style,
+    inject_command,
+    local_organism,
+    remote_command,
+    tail_command,
+    usage_command,
+)
 from xml_pipeline.state import State, latest_snapshot, save_snapshot
 
 __all__ = ["main"]
@@ -33,14 +40,6 @@ __all__ = ["main"]
 DEFAULT_ORGANISM = "organism.yaml"
 DEFAULT_DATA = ".xml-pipeline/events"
 DATA_HELP = f"log directory (default: organism.yaml's, or {DEFAULT_DATA})"
-
-
-class _Style:
-    def __init__(self, stream: TextIO) -> None:
-        self.on = stream.isatty() and os.environ.get("NO_COLOR") is None
-
-    def __call__(self, text: str, code: str) -> str:
-        return f"\033[{code}m{text}\033[0m" if self.on else text
 
 
 # ------------------------------------------------------------------ check
@@ -94,15 +93,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _data_dir(args: argparse.Namespace) -> Path:
     if args.data:
         return Path(args.data)
-    organism_file = Path(DEFAULT_ORGANISM)
-    if organism_file.exists():
-        try:
-            organism = load_organism(organism_file)
-        except OrganismError:
-            pass
-        else:
-            if organism.log.path is not None:
-                return organism.log.path
+    organism = local_organism()
+    if organism is not None and organism.log.path is not None:
+        return organism.log.path
     return Path(DEFAULT_DATA)
 
 
@@ -226,7 +219,7 @@ class _Tail:
     def __init__(self, args: argparse.Namespace, out: TextIO) -> None:
         self.args = args
         self.out = out
-        self.style = _Style(out)
+        self.style = Style(out)
         self.thread_of: dict[str, str] = {}
 
     def wanted(self, record: Recorded) -> bool:

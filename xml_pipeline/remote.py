@@ -14,14 +14,27 @@ from pathlib import Path
 from typing import TextIO
 
 from xml_pipeline.errors import OrganismError
-from xml_pipeline.organism import load_organism
+from xml_pipeline.organism import Organism, load_organism
 
-__all__ = ["inject_command", "remote_command", "tail_command", "usage_command"]
+__all__ = ["Style", "inject_command", "local_organism", "remote_command", "tail_command",
+           "usage_command"]
 
 DEFAULT_ORGANISM = "organism.yaml"
 
 
-class _Style:
+def local_organism() -> Organism | None:
+    """The organism of ``./organism.yaml`` if there is a valid one (for default paths and
+    addresses), else None."""
+    organism_file = Path(DEFAULT_ORGANISM)
+    if not organism_file.exists():
+        return None
+    try:
+        return load_organism(organism_file)
+    except OrganismError:
+        return None
+
+
+class Style:
     def __init__(self, stream: TextIO) -> None:
         self.on = stream.isatty() and os.environ.get("NO_COLOR") is None
 
@@ -42,14 +55,9 @@ def _url(args: argparse.Namespace) -> str:
 
     if args.url:
         return str(args.url)
-    organism_file = Path(DEFAULT_ORGANISM)
-    if organism_file.exists():
-        try:
-            organism = load_organism(organism_file)
-        except OrganismError:
-            pass
-        else:
-            return default_url(organism.api.host, organism.api.port)
+    organism = local_organism()
+    if organism is not None:
+        return default_url(organism.api.host, organism.api.port)
     return default_url()
 
 
@@ -82,7 +90,7 @@ def tail_command(args: argparse.Namespace) -> int:
     from xml_pipeline.client import Client, ClientError
 
     out = sys.stdout
-    style = _Style(out)
+    style = Style(out)
     try:
         with Client(_url(args)) as client:
             # Over the API, tail always follows; --after N replays from position N first.

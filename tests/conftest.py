@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import textwrap
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+
+from xml_pipeline.log.file import FileLog, open_file_log
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,3 +41,11 @@ def write_organism(folder: Path, yaml_text: str, *, schemas: dict[str, str] | No
 @pytest.fixture
 def organism_dir(tmp_path: Path) -> Path:
     return tmp_path / "org"
+
+
+@pytest.fixture
+async def log(tmp_path: Path) -> AsyncIterator[FileLog]:
+    """A file log in ``tmp_path / "events"``, closed after the test."""
+    log = await open_file_log(tmp_path / "events")
+    yield log
+    await log.aclose()

@@ -83,13 +83,6 @@ def organism_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-async def log(tmp_path: Path) -> AsyncIterator[FileLog]:
-    log = await open_file_log(tmp_path / "events")
-    yield log
-    await log.aclose()
-
-
-@pytest.fixture
 async def pump(organism_path: Path, log: FileLog) -> AsyncIterator[Pump]:
     async with open_pump(load_organism(organism_path), log, mailbox_capacity=200) as pump:
         yield pump

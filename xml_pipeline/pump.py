@@ -9,7 +9,12 @@ same ``State.apply`` a replay uses.
 ``open_pump`` replays the log, redelivers every accepted message without a final outcome
 (flagged as a redelivery), runs the workers in one task group, and on exit stops gracefully:
 accept nothing new, let in-flight handlers finish within ``stop_timeout``, record
-``OrganismStopped``.
+``OrganismStopped``, save a snapshot.
+
+On a file log the pump also saves a snapshot every ``snapshot_every`` records while it runs, so
+that a start after a crash replays only the records after it. The state is encoded on the loop,
+between two events; the file is written in a worker thread, one snapshot at a time. A snapshot
+that cannot be written is logged and changes nothing else: snapshots are an optimisation only.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import asyncio
 import logging
 import os
 import socket
+import sys
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -62,7 +69,7 @@ from xml_pipeline.log.file import FileLog
 from xml_pipeline.mailbox import Delivery, Mailbox
 from xml_pipeline.organism import Listener, Organism
 from xml_pipeline.router import Accepted, Router
-from xml_pipeline.state import State, latest_snapshot, replay, save_snapshot
+from xml_pipeline.state import State, latest_snapshot, replay, write_snapshot
 from xml_pipeline.state.threads import FINAL
 from xml_pipeline.types import Clock, system_clock
 
@@ -70,18 +77,19 @@ __all__ = ["Accepted", "Pump", "open_pump"]
 
 _log = logging.getLogger("xml_pipeline.pump")
 
-
-
-
-
-
+SNAPSHOT_EVERY = 100_000
+_NEVER = sys.maxsize
 
 
 class Pump:
     """Create with ``open_pump``. All methods run on the pump's event loop."""
 
     def __init__(self, *, organism: Organism, log: EventLog, clock: Clock,
-                 mailbox_capacity: int, stop_timeout: float) -> None:
+                 mailbox_capacity: int, stop_timeout: float,
+                 snapshot_every: int | None = SNAPSHOT_EVERY) -> None:
+        if snapshot_every is not None and snapshot_every < 0:
+            raise ValueError(f"snapshot_every must be a number of records (0 or None for no "
+                             f"periodic snapshots), not {snapshot_every!r}.")
         self.organism = organism
         self.log = log
         self._clock = clock
@@ -96,6 +104,12 @@ class Pump:
         self._stopping = False
         self._workers: list[asyncio.Task[None]] = []
         self._group: asyncio.TaskGroup | None = None
+        #: the position of the snapshot the last start replayed from (0: the whole log)
+        self.replayed_from = 0
+        self._snapshot_every = snapshot_every or 0
+        self._snapshot_due = _NEVER  # the position whose fold starts the next snapshot
+        self._snapshot_task: asyncio.Task[None] | None = None
+        self._snapshot_lock = threading.Lock()
         killed: set[str] = set()  # message ids whose handler a thread kill cancelled
         self._router = Router(ledger=self._ledger, clock=clock, organism=lambda: self.organism,
                               mailboxes=self._mailboxes, killed=killed)
@@ -136,7 +150,7 @@ class Pump:
     def _notify(self) -> None:
         self._ledger.notify()
 
-    # ------------------------------------------------------------ start and recovery
+    # ------------------------------------------------------------ workers
 
     def _spawn_workers(self, name: str, first: int, last: int) -> None:
         assert self._group is not None
@@ -209,6 +223,8 @@ class Pump:
                                          max_tokens=max_tokens, by=by)])
 
     def _on_event(self, position: int, event: Event) -> None:
+        if position >= self._snapshot_due:
+            self._snapshot_nowait()
         if isinstance(event, BudgetRaised):
             parked = self._deliverer.parked
             threads = ([event.key.partition("|")[0]] if event.scope in ("thread", "thread-agent")
@@ -223,13 +239,67 @@ class Pump:
     async def reset_usage(self, *, by: str) -> None:
         await self._commit([UsageReset(at=self._clock(), by=by)])
 
+    # ------------------------------------------------------------ snapshots
+
     def _snapshots(self) -> Path | None:
         return self.log.directory if isinstance(self.log, FileLog) else None
+
+    def _snapshot_nowait(self) -> None:
+        """Start a periodic snapshot of the state as it is now: encoded here, on the loop,
+        between two events (the fold mutates the state), and written by ``_save_snapshot`` in a
+        worker thread. Does nothing while one is in flight, before the task group exists, or
+        once stopping; the next folded event tries again."""
+        folder, group = self._snapshots(), self._group
+        if folder is None or group is None or self._stopping or self._snapshot_task is not None:
+            return
+        position = self.state.position
+        if position > self.log.last_position:
+            return  # folds follow appends, so this is durable; never snapshot what is not
+        write = self._write_snapshot(folder, position, self.state.encode())
+        try:
+            self._snapshot_task = group.create_task(write, name="snapshot")
+        except RuntimeError:  # the task group is shutting down: no snapshot
+            write.close()
+            return
+        self._snapshot_due = _NEVER
+
+    async def _write_snapshot(self, folder: Path, position: int, state: bytes) -> None:
+        try:
+            await self._save_snapshot(folder, position, state)
+        finally:
+            self._snapshot_task = None
+            if not self._stopping:
+                self._snapshot_due = position + self._snapshot_every
+            self._notify()
+
+    async def _save_snapshot(self, folder: Path, position: int, state: bytes) -> None:
+        """Write the encoded ``state`` (at ``position``) as a snapshot, in a worker thread.
+        Never raises but for cancellation: a failure is logged, since a snapshot only makes
+        the next start faster."""
+        try:
+            path = await asyncio.to_thread(self._write_snapshot_file, folder, position, state)
+        except Exception as exc:  # any failure: it must not end the pump's task group
+            _log.warning("could not save a snapshot in %s: %s", folder, exc)
+            return
+        if path is None:
+            _log.warning("no snapshot saved: the log in %s does not hold record %d", folder,
+                         position)
+
+    def _write_snapshot_file(self, folder: Path, position: int, state: bytes) -> Path | None:
+        # In a worker thread. The lock keeps two writes apart even when a cancelled wait left
+        # one running.
+        with self._snapshot_lock:
+            return write_snapshot(folder, position, state)
+
+    # ------------------------------------------------------------ start and recovery
 
     async def _start(self) -> None:
         folder = self._snapshots()
         snapshot = None if folder is None else latest_snapshot(folder, log=self.log)
+        self.replayed_from = 0 if snapshot is None else snapshot.position
         self._ledger.state = await replay(self.log, state=snapshot)
+        if folder is not None and self._snapshot_every:
+            self._snapshot_due = self.replayed_from + self._snapshot_every
         # After a crash (no OrganismStopped last), any pending message may have been seen.
         self._clean_start = self.state.agents.status in ("new", "stopped")
         now = self._clock()
@@ -375,6 +445,7 @@ class Pump:
 
     async def _stop(self, reason: str) -> None:
         self._stopping = True
+        self._snapshot_due = _NEVER
         for mailbox in self._mailboxes.values():
             mailbox.pause()  # not recorded: queued messages stay pending and are redelivered
 
@@ -397,14 +468,11 @@ class Pump:
             return
         folder = self._snapshots()
         if folder is not None:
-            # A snapshot makes the next start fast; it is an optimisation only. Taken here, in
-            # the loop, so that nothing changes the state while it is written.
-            try:
-                save_snapshot(folder, self.state)
-            except OSError as exc:
-                _log.warning("could not save a snapshot in %s: %s", folder, exc)
-
-
+            # A snapshot makes the next start fast. A periodic one still being written finishes
+            # first; this one, of the final state, supersedes it.
+            if self._snapshot_task is not None:
+                await asyncio.wait([self._snapshot_task])
+            await self._save_snapshot(folder, self.state.position, self.state.encode())
 
 
 def budgets_of(organism: Organism) -> dict[str, int | None]:
@@ -423,11 +491,12 @@ def loaded_event(organism: Organism, *, at: float) -> OrganismLoaded:
 
 @asynccontextmanager
 async def open_pump(organism: Organism, log: EventLog, *, clock: Clock = system_clock,
-                    mailbox_capacity: int = 1000, stop_timeout: float = 10.0
-                    ) -> AsyncIterator[Pump]:
-    """Run ``organism`` on ``log`` for the duration of the ``async with`` block."""
+                    mailbox_capacity: int = 1000, stop_timeout: float = 10.0,
+                    snapshot_every: int | None = SNAPSHOT_EVERY) -> AsyncIterator[Pump]:
+    """Run ``organism`` on ``log`` for the duration of the ``async with`` block. On a file log,
+    a snapshot is saved every ``snapshot_every`` records (0 or None: only on stop)."""
     pump = Pump(organism=organism, log=log, clock=clock, mailbox_capacity=mailbox_capacity,
-                stop_timeout=stop_timeout)
+                stop_timeout=stop_timeout, snapshot_every=snapshot_every)
     await pump._start()
     async with asyncio.TaskGroup() as group:
         pump._group = group

@@ -35,6 +35,7 @@ __all__ = [
     "project",
     "replay",
     "save_snapshot",
+    "write_snapshot",
 ]
 
 _PROJECTIONS: tuple[tuple[str, Any], ...] = (
@@ -115,17 +116,26 @@ class _Snapshot(msgspec.Struct):
 def save_snapshot(log_directory: Path, state: State, *, keep: int = 2) -> Path | None:
     """Write ``state`` as a snapshot of the file log in ``log_directory`` (atomically), keeping
     the newest ``keep`` snapshots. Returns None if the log lacks the state's last record."""
-    location = locate_record(log_directory, state.position)
+    return write_snapshot(log_directory, state.position, state.encode(), keep=keep)
+
+
+def write_snapshot(log_directory: Path, position: int, state: bytes, *, keep: int = 2
+                   ) -> Path | None:
+    """``save_snapshot`` for a state already encoded (``State.encode()`` of a state at
+    ``position``), so that the caller can encode it where the state is consistent and do the
+    file work elsewhere (a worker thread). Reads the log's files, writes, fsyncs and renames;
+    raises ``OSError``. Returns None, writing nothing, if the log lacks the record at
+    ``position``."""
+    location = locate_record(log_directory, position)
     if location is None:
         return None
     segment, offset, digest = location
     folder = log_directory / _SNAPSHOT_DIR
     folder.mkdir(exist_ok=True)
-    path = folder / f"{state.position:020d}.snapshot"
-    data = msgspec.json.encode(_Snapshot(version=_SNAPSHOT_VERSION, position=state.position,
+    path = folder / f"{position:020d}.snapshot"
+    data = msgspec.json.encode(_Snapshot(version=_SNAPSHOT_VERSION, position=position,
                                          segment=segment, offset=offset,
-                                         chain_hash=digest.hex(),
-                                         state=msgspec.Raw(state.encode())))
+                                         chain_hash=digest.hex(), state=msgspec.Raw(state)))
     temporary = path.with_suffix(".tmp")
     with open(temporary, "wb") as handle:
         handle.write(data)

@@ -1,0 +1,200 @@
+"""Periodic snapshots: a running pump on a file log saves one every ``snapshot_every`` records,
+so that a start after a crash replays only what follows it. A snapshot plus the rest of the
+log equals a replay from zero; a snapshot that cannot be written changes nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import textwrap
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests import handlers
+from tests.conftest import ROOT, write_organism
+from tests.test_pump import ITEM_XSD, ORGANISM, item
+from xml_pipeline import pump as pump_module
+from xml_pipeline.events import Event, OrganismStopped
+from xml_pipeline.log.file import FileLog, open_file_log
+from xml_pipeline.organism import load_organism
+from xml_pipeline.pump import Pump, open_pump
+from xml_pipeline.state import latest_snapshot, replay, write_snapshot
+
+EVERY = 50
+MESSAGES = 40  # three hops each: several hundred records, several snapshots
+BOUND = 60.0  # seconds; only turns a hang into a failure, never a timing assertion
+
+# Runs a pump with periodic snapshots in a child process, which the test then SIGKILLs.
+CHILD = textwrap.dedent("""
+    import asyncio, sys
+    from pathlib import Path
+    from xml_pipeline.log.file import open_file_log
+    from xml_pipeline.organism import load_organism
+    from xml_pipeline.pump import open_pump
+
+    async def main(organism: Path, data: Path) -> None:
+        log = await open_file_log(data)
+        async with open_pump(load_organism(organism), log, snapshot_every={every}) as pump:
+            for k in range({messages}):
+                await pump.inject(f"<Item><n>{{k}}</n></Item>", to="first")
+            await pump.wait_idle()
+            while not list((data / "snapshots").glob("*.snapshot")):
+                await pump._signal.wait()
+            await pump.inject("<Item><n>tail</n></Item>", to="first")
+            await pump.wait_idle()
+            print("ready", flush=True)
+            await asyncio.Event().wait()  # until killed
+
+    asyncio.run(main(Path(sys.argv[1]), Path(sys.argv[2])))
+""").format(every=EVERY, messages=MESSAGES)
+
+
+@pytest.fixture
+def organism_path(tmp_path: Path) -> Path:
+    handlers.reset()
+    return write_organism(tmp_path / "org", ORGANISM, schemas={"item.xsd": ITEM_XSD})
+
+
+def snapshot_files(log: FileLog) -> list[Path]:
+    return sorted((log.directory / "snapshots").glob("*.snapshot"))
+
+
+async def wait_until(pump: Pump, condition: Callable[[], bool]) -> None:
+    """Wait until ``condition()`` holds; the pump signals every change, a finished snapshot
+    write included. The bound only turns a hang into a failure."""
+    async with asyncio.timeout(BOUND):
+        while not condition():
+            await pump._signal.wait()
+
+
+async def inject_conversations(pump: Pump, count: int, *, first: int = 0) -> None:
+    for k in range(first, first + count):
+        await pump.inject(item(k), to="first")
+    await pump.wait_idle()
+
+
+async def test_a_running_pump_saves_snapshots_that_resume_to_the_same_state(
+        organism_path: Path, log: FileLog) -> None:
+    async with open_pump(load_organism(organism_path), log, snapshot_every=EVERY) as pump:
+        await inject_conversations(pump, MESSAGES)
+        # Saved while running (no stop yet); only the newest two are kept.
+        await wait_until(pump, lambda: bool(snapshot_files(log)))
+        await wait_until(pump, lambda: pump._snapshot_task is None)
+        files = snapshot_files(log)
+        assert 1 <= len(files) <= 2
+        snapshot = latest_snapshot(log.directory)
+        assert snapshot is not None
+        assert EVERY <= snapshot.position <= pump.state.position
+        assert f"{snapshot.position:020d}.snapshot" == files[-1].name
+        resumed = await replay(log, state=snapshot)
+        from_zero = await replay(log)
+        assert resumed.position == from_zero.position == pump.state.position
+        assert resumed.digest() == from_zero.digest() == pump.state.digest()
+
+
+async def test_no_periodic_snapshot_when_disabled(organism_path: Path, log: FileLog) -> None:
+    async with open_pump(load_organism(organism_path), log, snapshot_every=0) as pump:
+        await inject_conversations(pump, 10)
+        assert pump.state.position > 100
+        assert pump._snapshot_task is None
+        assert snapshot_files(log) == []
+    assert len(snapshot_files(log)) == 1  # the one saved on the graceful stop
+
+
+async def test_a_graceful_stop_waits_for_a_periodic_snapshot_then_saves_its_own(
+        organism_path: Path, log: FileLog, monkeypatch: pytest.MonkeyPatch) -> None:
+    release = threading.Event()
+    calls: list[tuple[str, int]] = []
+
+    def held_write(folder: Path, position: int, state: bytes) -> Path | None:
+        calls.append(("start", position))
+        if len(calls) == 1:  # the first periodic write stays in flight until the stop begins
+            release.wait(BOUND)
+        try:
+            return write_snapshot(folder, position, state)
+        finally:
+            calls.append(("end", position))
+
+    def on_event(position: int, event: Event) -> None:
+        if isinstance(event, OrganismStopped):
+            release.set()
+
+    monkeypatch.setattr(pump_module, "write_snapshot", held_write)
+    async with open_pump(load_organism(organism_path), log, snapshot_every=EVERY) as pump:
+        pump.observe(on_event)
+        await inject_conversations(pump, 10)
+        assert pump._snapshot_task is not None  # one in flight; no second one meanwhile
+    periodic, final = calls[0][1], log.last_position
+    assert EVERY <= periodic < final
+    assert calls == [("start", periodic), ("end", periodic), ("start", final), ("end", final)]
+    snapshot = latest_snapshot(log.directory)
+    assert snapshot is not None and snapshot.position == final
+
+
+async def test_a_snapshot_that_cannot_be_written_changes_nothing_else(
+        organism_path: Path, log: FileLog, caplog: pytest.LogCaptureFixture) -> None:
+    (log.directory / "snapshots").write_text("a file where the folder should be")
+    caplog.set_level(logging.WARNING, logger="xml_pipeline.pump")
+
+    def warned() -> bool:
+        return any(r.getMessage().startswith("could not save a snapshot in ")
+                   for r in caplog.records)
+
+    async with open_pump(load_organism(organism_path), log, snapshot_every=EVERY) as pump:
+        await inject_conversations(pump, 10)
+        await wait_until(pump, warned)
+        warning = next(r for r in caplog.records if r.getMessage().startswith("could not"))
+        assert warning.levelno == logging.WARNING
+        assert str(log.directory) in warning.getMessage()
+        # The pump goes on: messages flow, and a later snapshot is tried again (and fails).
+        await wait_until(pump, lambda: pump._snapshot_task is None)
+        caplog.clear()
+        await inject_conversations(pump, 10, first=10)
+        assert pump.fault is None
+        assert len([s for s in handlers.seen if s["listener"] == "third"]) == 20
+        more = 20
+        while not warned():
+            await inject_conversations(pump, 1, first=more)
+            more += 1
+        replayed = await replay(log)
+        assert replayed.digest() == pump.state.digest()
+    assert (log.directory / "snapshots").is_file()
+    assert latest_snapshot(log.directory) is None
+
+
+async def test_a_restart_after_sigkill_resumes_from_the_periodic_snapshot(
+        organism_path: Path, tmp_path: Path) -> None:
+    data = tmp_path / "events"
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CHILD, str(organism_path), str(data), cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        assert child.stdout is not None
+        seen = b""
+        async with asyncio.timeout(BOUND):
+            while (line := await child.stdout.readline()) != b"ready\n":
+                seen += line
+                assert line, f"the child did not get ready:\n{seen.decode()}"
+    finally:
+        child.kill()  # no graceful stop: no OrganismStopped, no final snapshot
+        await child.wait()
+    snapshot = latest_snapshot(data)
+    assert snapshot is not None and snapshot.position >= EVERY
+
+    log = await open_file_log(data)
+    try:
+        records = [r async for r in log.read()]
+        assert not isinstance(records[-1].event, OrganismStopped)
+        assert snapshot.position <= records[-1].position
+        async with open_pump(load_organism(organism_path), log, snapshot_every=EVERY) as pump:
+            assert pump.replayed_from == snapshot.position
+            await inject_conversations(pump, 1, first=MESSAGES)
+            from_zero = await replay(log)
+            assert from_zero.position == pump.state.position
+            assert from_zero.digest() == pump.state.digest()
+    finally:
+        await log.aclose()

@@ -239,6 +239,7 @@ def _field_values(type_text: str) -> st.SearchStrategy[Any]:
         "bool": st.booleans(),
         "tuple[str, ...]": st.lists(text, max_size=3).map(tuple),
         "dict[str, int | None]": st.dictionaries(text, st.none() | st.integers(), max_size=3),
+        "dict[str, int]": st.dictionaries(text, st.integers(), max_size=3),
         "dict[str, list[str]]": st.dictionaries(text, st.lists(text, max_size=3), max_size=3),
         "dict[str, dict[str, Any]]": st.dictionaries(
             text, st.dictionaries(text, json_values, max_size=3), max_size=3),

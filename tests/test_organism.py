@@ -61,6 +61,34 @@ def test_organism_is_frozen(organism_dir: Path) -> None:
         organism.listeners["b"] = organism.listeners["a"]  # type: ignore[index]
 
 
+def test_retention_and_request_cap(organism_dir: Path) -> None:
+    mod = _module()
+    listeners = ("listeners:\n  - {name: a, description: d, payload: schemas/greeting.xsd, "
+                 f"handler: {mod}:greet}}\n")
+    default = load_organism(write_organism(organism_dir, "organism: {name: o}\n" + listeners,
+                                           modules={mod: HANDLERS}))
+    assert (default.retention.ended_threads, default.retention.idempotency_keys,
+            default.api.max_requests) == (10_000, 100_000, 256)
+    path = write_organism(organism_dir, "organism:\n  name: o\n  api: {max_requests: 8}\n"
+                          "  retention: {ended_threads: 0, idempotency_keys: 50}\n" + listeners,
+                          modules={mod: HANDLERS})
+    organism = load_organism(path)
+    assert (organism.retention.ended_threads, organism.retention.idempotency_keys,
+            organism.api.max_requests) == (0, 50, 8)
+    path = write_organism(organism_dir, "organism:\n  name: o\n  api: {max_requests: 0}\n"
+                          "  retention: {ended_threads: -1, idempotency_keys: lots, "
+                          "forever: true}\n" + listeners, modules={mod: HANDLERS})
+    problems = _problems(path)
+    file = str(path)
+    assert f"{file}:3: organism.api.max_requests must be a whole number of at least 1, " \
+           "not 0." in problems
+    assert f"{file}:4: organism.retention.ended_threads must be a whole number of at least " \
+           "0, not -1." in problems
+    assert any("organism.retention.idempotency_keys must be a whole number" in p
+               for p in problems)
+    assert any("Unknown key 'forever' in organism.retention." in p for p in problems)
+
+
 def test_missing_peers_means_no_peers(organism_dir: Path) -> None:
     mod = _module()
     path = write_organism(organism_dir, f"""
@@ -102,7 +130,7 @@ def test_every_problem_is_reported_with_file_and_line(organism_dir: Path) -> Non
     problems = _problems(path)
     file = str(path)
     assert f"{file}:4: Unknown key 'lgo' in organism. Did you mean 'log'? Allowed keys: " \
-           "name, log, api, budgets, limits." in problems
+           "name, log, api, budgets, limits, retention." in problems
     assert f"{file}:11: listeners[0].timeout must be a duration such as 30s, 500ms or 2m, " \
            "not 'forever'." in problems
     assert any(p.startswith(f"{file}:13: Unknown key 'descripton' in listeners[1]. Did you mean "

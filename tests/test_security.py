@@ -372,7 +372,7 @@ def test_organism_yaml_cannot_carry_a_secret(tmp_path: Path) -> None:
     with pytest.raises(OrganismError) as info:
         load_organism(path)
     assert info.value.message.splitlines()[1:] == [
-        f"  {path}:2: Unknown key 'token' in organism.api. Allowed keys: host, port.",
+        f"  {path}:2: Unknown key 'token' in organism.api. Allowed keys: host, port, max_requests.",
         f"  {path}:7: Unknown key 'api_key' in listeners[0].agent. Allowed keys: model, "
         "system, max_tokens, temperature, prices."]
 
@@ -432,24 +432,26 @@ async def test_limit_the_who_of_a_control_event_is_a_label_the_client_chooses(
     assert (agent["state"], agent["paused_by"]) == ("paused", "system")
 
 
-async def test_limit_idempotency_keys_have_no_length_cap_and_stay_in_memory(
+async def test_idempotency_keys_are_capped_and_shared_by_all_clients(
         organism: Organism, tmp_path: Path) -> None:
-    key = "k" * 500_000
     data = tmp_path / "events"
     async with running_server(organism, data) as (base, _), client(base) as http:
+        huge = await http.post("/inject", json={"to": "third", "payload": item(0),
+                                                "idempotency_key": "k" * 500_000})
+        assert huge.status_code == 400
+        key = "order-42"
         first = await http.post("/inject", json={"to": "third", "payload": item(1),
                                                  "idempotency_key": key})
-        again = await http.post("/inject", json={"to": "third", "payload": item(2),
-                                                 "idempotency_key": key})
-        assert (first.status_code, again.status_code) == (202, 202)
-        assert again.json() == first.json()
-        assert (await http.get("/organism/state")).json()["idle"]
-        thread = (await http.get(f"/threads/{first.json()['thread_id']}")).json()
-        assert thread["status"] == "completed"
+        # Another client (another name) using the same key gets the first client's ids.
+        other = await http.post("/inject", json={"to": "third", "payload": item(2),
+                                                 "idempotency_key": key},
+                                headers={"X-Client-Name": "someone-else"})
+        assert (first.status_code, other.status_code) == (202, 202)
+        assert other.json() == first.json()
     log = await open_file_log(data, readonly=True)
     state = await replay(log)
     await log.aclose()
-    # The thread has ended, and the whole key is still held in the state (and its snapshots).
+    assert "k" * 500_000 not in state.threads.idempotency
     assert state.threads.idempotency[key] == (first.json()["message_id"],
                                               first.json()["thread_id"])
 

@@ -58,6 +58,8 @@ _BY_NAME: dict[str, st.SearchStrategy[typing.Any]] = {
     "listeners": LISTENERS,
     "added": st.tuples(NAMES), "removed": st.tuples(), "updated": st.tuples(NAMES),
     "changes": st.dictionaries(NAMES, st.lists(st.sampled_from(["payload", "peers"]))),
+    "retention": st.dictionaries(st.sampled_from(["ended_threads", "idempotency_keys"]),
+                                 st.integers(0, 3)),
     "cost": st.floats(min_value=0, max_value=10, allow_nan=False),
     "latency_ms": st.floats(min_value=0, max_value=1e5, allow_nan=False),
     "duration_ms": st.floats(min_value=0, max_value=1e5, allow_nan=False),
@@ -148,6 +150,93 @@ def test_message_lifecycle_and_thread_status() -> None:
     assert state.budgets.threads["t1"].used == 15
     assert state.budgets.threads["t1"].limit == 100
     assert state.budgets.usage_by_model["m"].total_tokens == 15
+
+
+def _conversation(n: int, *, key: str | None = None, dead: bool = False,
+                  kill: bool = False) -> list[Event]:
+    """Thread t<n>: one message handled (or dead-lettered), then completed (or killed)."""
+    thread, message, at = f"t{n}", f"m{n}", float(n)
+    events: list[Event] = [
+        MessageAccepted(at=at, message_id=message, thread_id=thread, parent_id=None,
+                        sender="api", to="a", payload_type="X", envelope="<x/>",
+                        idempotency_key=key),
+        MessageDelivered(at=at, message_id=message, listener="a", attempt=1),
+    ]
+    if kill:
+        return [*events, ThreadKilled(at=at, thread_id=thread, by="ops")]
+    if dead:
+        events.append(MessageDeadLettered(at=at, message_id=message, listener="a", reason="x"))
+    else:
+        events.append(HandlerSucceeded(at=at, message_id=message, listener="a", duration_ms=1))
+    return [*events, ThreadCompleted(at=at, thread_id=thread)]
+
+
+def _loaded(**retention: int) -> OrganismLoaded:
+    return OrganismLoaded(at=0.0, name="o", digest="d", source="", budgets={},
+                          listeners={"a": {}}, retention=retention)
+
+
+def test_only_the_newest_ended_threads_are_kept_and_replay_forgets_the_same() -> None:
+    events: list[Event] = [_loaded(ended_threads=5)]
+    for n in range(100):
+        events += _conversation(n, dead=n == 3, kill=n == 4)
+    records = _records(events)
+    state = project(records)
+    threads = state.threads.threads
+    # Bounded: the limit plus the slack that lets trimming happen in batches.
+    assert len(threads) <= 5 + 16 + 2
+    assert {f"t{n}" for n in range(95, 100)} <= set(threads)
+    assert "t50" not in threads and state.threads.forgotten == 100 - len(threads)
+    # Killed threads keep refusing messages; a dead letter keeps its thread.
+    assert threads["t4"].status == "killed"
+    assert threads["t3"].status == "failed" and state.threads.dead_letters == {"m3": "x"}
+    # Counts are history, not memory.
+    assert state.threads.accepted == 100
+    for cut in (0, 37, 150, len(records)):
+        resumed = project(records[cut:], State.decode(project(records[:cut]).encode()))
+        assert resumed.digest() == state.digest()
+
+
+def test_a_thread_that_goes_on_after_ending_is_not_forgotten_by_its_first_end() -> None:
+    again = MessageAccepted(at=1.5, message_id="again", thread_id="t0", parent_id=None,
+                            sender="api", to="a", payload_type="X", envelope="<x/>")
+    events: list[Event] = [_loaded(ended_threads=1), *_conversation(0), again]
+    for n in range(1, 40):
+        events += _conversation(n)
+    middle = project(_records(events)).threads
+    # t0's first end is long gone from the newest, but t0 went on: it is active, and kept.
+    assert middle.threads["t0"].status == "active" and "t1" not in middle.threads
+    events += [HandlerSucceeded(at=41.0, message_id="again", listener="a", duration_ms=1),
+               ThreadCompleted(at=41.0, thread_id="t0")]
+    threads = project(_records(events)).threads.threads
+    assert (threads["t0"].status, threads["t0"].message_count) == ("completed", 2)
+
+
+def test_only_the_newest_idempotency_keys_are_remembered() -> None:
+    events: list[Event] = [_loaded(idempotency_keys=10)]
+    for n in range(200):
+        events += _conversation(n, key=f"key-{n}")
+    records = _records(events)
+    state = project(records)
+    keys = state.threads.idempotency
+    # Which keys go is part of the state: a snapshot anywhere changes nothing.
+    for cut in (100, 333, 577):
+        resumed = project(records[cut:], State.decode(project(records[:cut]).encode()))
+        assert list(resumed.threads.idempotency) == list(keys)
+    assert len(keys) <= 10 + 16
+    assert keys["key-199"] == ("m199", "t199")
+    assert all(f"key-{n}" in keys for n in range(190, 200))
+    assert "key-100" not in keys
+
+
+def test_without_retention_in_the_log_the_defaults_apply() -> None:
+    events: list[Event] = [OrganismLoaded(at=0, name="o", digest="d", source="", budgets={},
+                                          listeners={"a": {}})]
+    for n in range(50):
+        events += _conversation(n, key=f"k{n}")
+    state = project(_records(events))
+    assert len(state.threads.threads) == 50 and len(state.threads.idempotency) == 50
+    assert (state.threads.keep_ended, state.threads.keep_keys) == (10_000, 100_000)
 
 
 def test_unknown_event_type_fails_loudly() -> None:

@@ -81,6 +81,8 @@ class OrganismLoaded(Event):
     source: str
     budgets: dict[str, int | None]
     listeners: dict[str, dict[str, Any]]
+    #: how much finished work the state keeps ("ended_threads", "idempotency_keys")
+    retention: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -95,6 +97,7 @@ class OrganismReloaded(Event):
     updated: tuple[str, ...]
     #: listener -> the settings that changed ("payload", "peers", "handler_code", ...)
     changes: dict[str, list[str]] = field(default_factory=dict)
+    retention: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

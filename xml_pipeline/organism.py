@@ -41,6 +41,7 @@ __all__ = [
     "LogConfig",
     "Organism",
     "RESERVED_SENDERS",
+    "Retention",
     "RetryPolicy",
     "load_organism",
     "parse_duration",
@@ -95,6 +96,21 @@ class LogConfig:
 class ApiConfig:
     host: str = "127.0.0.1"
     port: int = 8765
+    #: HTTP requests handled at once (event streams aside); more are answered 503 at once
+    max_requests: int = 256
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Retention:
+    """How much finished work the state keeps in memory (the log keeps everything)."""
+
+    #: ended threads kept, newest first; older ones are answered from the log only
+    ended_threads: int = 10_000
+    #: idempotency keys remembered, newest first
+    idempotency_keys: int = 100_000
+
+    def summary(self) -> dict[str, int]:
+        return {"ended_threads": self.ended_threads, "idempotency_keys": self.idempotency_keys}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)
@@ -153,6 +169,7 @@ class Organism:
     api: ApiConfig
     budgets: Budget
     limits: XmlLimits
+    retention: Retention
     listeners: Mapping[str, Listener]
 
 
@@ -205,9 +222,10 @@ def _duration(doc: _Doc, value: Any, path: tuple[Any, ...], default: float) -> f
 # --------------------------------------------------------------------------- sections
 
 _TOP = ("organism", "listeners")
-_ORGANISM = ("name", "log", "api", "budgets", "limits")
+_ORGANISM = ("name", "log", "api", "budgets", "limits", "retention")
 _LOG = ("path", "url", "fsync", "segment_bytes")
-_API = ("host", "port")
+_API = ("host", "port", "max_requests")
+_RETENTION = ("ended_threads", "idempotency_keys")
 _BUDGETS = ("thread_tokens", "agent_tokens", "organism_tokens")
 _LISTENER_BUDGET = ("thread_tokens", "agent_tokens")
 _LIMITS = ("max_bytes", "max_depth")
@@ -499,6 +517,13 @@ def parse_organism(text: str, *, path: Path) -> Organism:
     if port is not None and port > 65535:
         doc.problem(("organism", "api", "port"), f"organism.api.port must be at most 65535, "
                                                  f"not {show(port)}.")
+    max_requests = doc.whole_number(api_raw.get("max_requests"),
+                                    ("organism", "api", "max_requests"), minimum=1, default=256)
+    retention_raw = doc.mapping(org.get("retention"), ("organism", "retention"), _RETENTION)
+    defaults = Retention().summary()
+    retention = Retention(**{
+        key: doc.whole_number(retention_raw.get(key), ("organism", "retention", key),
+                              minimum=0, default=defaults[key]) or 0 for key in _RETENTION})
     budgets = _budget(doc, org.get("budgets"), ("organism", "budgets"), _BUDGETS)
     limits_raw = doc.mapping(org.get("limits"), ("organism", "limits"), _LIMITS)
     limits = XmlLimits(
@@ -554,7 +579,9 @@ def parse_organism(text: str, *, path: Path) -> Organism:
         source=text,
         digest=digest.hexdigest(),
         log=log,
-        api=ApiConfig(host=host, port=port if port is not None else 8765),
+        api=ApiConfig(host=host, port=port if port is not None else 8765,
+                      max_requests=max_requests or 256),
+        retention=retention,
         budgets=budgets,
         limits=limits,
         listeners=MappingProxyType(listeners),

@@ -484,7 +484,7 @@ def budgets_of(organism: Organism) -> dict[str, int | None]:
 def loaded_event(organism: Organism, *, at: float) -> OrganismLoaded:
     return OrganismLoaded(
         at=at, name=organism.name, digest=organism.digest, source=organism.source,
-        budgets=budgets_of(organism),
+        budgets=budgets_of(organism), retention=organism.retention.summary(),
         listeners={name: listener.summary() for name, listener in organism.listeners.items()},
     )
 

@@ -69,7 +69,7 @@ async def reload_organism(pump: Pump, path: Path | None = None) -> ReloadResult:
         return ReloadResult(success=True)
     event = OrganismReloaded(
         at=pump.clock(), name=new.name, digest=new.digest, source=new.source,
-        budgets=budgets_of(new),
+        budgets=budgets_of(new), retention=new.retention.summary(),
         listeners={name: listener.summary() for name, listener in new.listeners.items()},
         added=added, removed=removed, updated=tuple(changes), changes=changes,
     )

@@ -48,6 +48,7 @@ __all__ = ["Accepted", "Router"]
 
 RAW_CAP = 4096  # bytes of rejected input kept in MessageRejected
 MAX_SYSTEM_ERRORS = 3  # SystemErrors in a row before the bus stops answering bad sends
+MAX_KEY = 256  # characters of an idempotency key
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +136,10 @@ class Router:
                 f"The event log cannot be written ({_reason(fault)}), so no message is "
                 "accepted until it can; nothing was acknowledged. Retry shortly.")
         try:
+            if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_KEY:
+                raise EnvelopeError(
+                    f"The idempotency key is {len(idempotency_key)} characters long; use 1 to "
+                    f"{MAX_KEY} (a UUID or an order number), or leave it out.")
             if to is None:
                 envelope = parse_envelope(data if isinstance(data, str | bytes) else
                                           etree.tostring(data), limits=self._organism().limits)

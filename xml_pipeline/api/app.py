@@ -27,6 +27,7 @@ from xml_pipeline.api.auth import (
     BodyLimitMiddleware,
     LocalOnlyMiddleware,
     RequestIdMiddleware,
+    RequestLimitMiddleware,
 )
 from xml_pipeline.api.metrics import Observer, metrics
 from xml_pipeline.api.openapi import document
@@ -137,6 +138,8 @@ def create_app(organism: Organism, *, data: Path | None = None, token: str | Non
         Middleware(RequestIdMiddleware),
         Middleware(AuthMiddleware, token=token),
         Middleware(LocalOnlyMiddleware, token=token),
+        Middleware(RequestLimitMiddleware, limit=organism.api.max_requests,
+                   exempt=("/api/v1/events", "/health", "/metrics")),
         Middleware(BodyLimitMiddleware, limit=limit, exempt=("/api/v1/inject",)),
     ]
     routes = [

@@ -5,6 +5,8 @@
   is read from that header only: never from the query string or a cookie.
 - Every response carries an ``X-Request-ID`` (the client's, if it sent a sane one).
 - Request bodies are capped; a larger body gets 413 before the endpoint sees it.
+- At most ``organism.api.max_requests`` requests are handled at once; more get 503 with
+  ``Retry-After`` before their body is read, so overload never queues without bound.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from xml_pipeline.api.responses import _encoder
 
 __all__ = ["AuthMiddleware", "BodyLimitMiddleware", "LocalOnlyMiddleware",
-           "RequestIdMiddleware", "TOKEN_ENV"]
+           "RequestIdMiddleware", "RequestLimitMiddleware", "TOKEN_ENV"]
 
 TOKEN_ENV = "XML_PIPELINE_API_TOKEN"
 _PROTECTED = ("/api/v1", "/metrics")
@@ -141,6 +143,34 @@ class LocalOnlyMiddleware:
                           f"Requests from {what} are refused: without an API token only this "
                           f"machine's own clients may use the API. Set {TOKEN_ENV} to allow "
                           "others.")
+
+
+class RequestLimitMiddleware:
+    """Answer 503 ``busy`` (with ``Retry-After``) while ``limit`` requests are in progress.
+    Event streams, ``/health`` and ``/metrics`` are not counted: streams are long-lived and
+    have their own rules, and monitoring must see an overloaded server."""
+
+    def __init__(self, app: ASGIApp, *, limit: int, exempt: tuple[str, ...] = ()) -> None:
+        self.app = app
+        self.limit = limit
+        self.exempt = exempt
+        self.in_progress = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") in self.exempt:
+            await self.app(scope, receive, send)
+            return
+        if self.in_progress >= self.limit:
+            await _send_error(scope, send, 503, "busy",
+                              f"The server is handling {self.limit} requests already "
+                              "(organism.api.max_requests); retry after Retry-After seconds.",
+                              [(b"retry-after", b"1")])
+            return
+        self.in_progress += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_progress -= 1
 
 
 class BodyLimitMiddleware:

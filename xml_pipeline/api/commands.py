@@ -262,9 +262,9 @@ async def kill(request: Request) -> Response:
       "503": {$ref: "#/components/responses/Unavailable"}
     """
     thread_id = request.path_params["thread_id"]
-    if not await _pump(request).kill_thread(thread_id, by=_caller(request)):
-        raise ApiError("not_found", f"There is no thread {thread_id!r}.",
-                       details={"thread_id": thread_id})
+    pump = _pump(request)
+    if not await pump.kill_thread(thread_id, by=_caller(request)):
+        raise views.no_thread(pump, thread_id)
     return JSONResponse({"success": True, "thread_id": thread_id})
 
 
@@ -365,8 +365,7 @@ async def thread_budget(request: Request) -> Response:
         raise ApiError("invalid_request", 'The body must be {"max_tokens": N} with N a whole '
                                           "number from 1 to 10^12.")
     if thread_id not in pump.state.threads.threads:
-        raise ApiError("not_found", f"There is no thread {thread_id!r}.",
-                       details={"thread_id": thread_id})
+        raise views.no_thread(pump, thread_id)
     await pump.raise_budget("thread", thread_id, value, by=_caller(request))
     budgets = pump.state.budgets
     return JSONResponse(views.thread_budget(thread_id, budgets.thread_gauge_or_new(thread_id),

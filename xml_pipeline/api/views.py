@@ -260,11 +260,21 @@ async def threads(request: Request) -> Response:
                                 total=len(found), limit=limit, offset=offset))
 
 
+def no_thread(pump: Pump, thread_id: str) -> ApiError:
+    """The 404 for a thread the state does not hold (perhaps ended long ago)."""
+    threads = pump.state.threads
+    message = f"There is no thread {thread_id!r}."
+    if threads.forgotten:
+        message = (f"There is no thread {thread_id!r} among the active threads and the newest "
+                   f"{threads.keep_ended} ended ones (organism.retention.ended_threads); the "
+                   f"log keeps every event of older threads: GET /api/v1/events?thread=ID.")
+    return ApiError("not_found", message, details={"thread_id": thread_id})
+
+
 def _find_thread(pump: Pump, thread_id: str) -> ThreadInfo:
     thread = pump.state.threads.threads.get(thread_id)
     if thread is None:
-        raise ApiError("not_found", f"There is no thread {thread_id!r}.",
-                       details={"thread_id": thread_id})
+        raise no_thread(pump, thread_id)
     return thread
 
 

@@ -77,7 +77,9 @@ class State(msgspec.Struct, kw_only=True):
         self.position = position
 
     def encode(self) -> bytes:
-        return msgspec.json.encode(self, order="sorted")
+        """The state as JSON, every mapping in insertion order: the order in which the oldest
+        idempotency keys are forgotten is part of the state, so a snapshot keeps it."""
+        return msgspec.json.encode(self)
 
     @classmethod
     def decode(cls, data: bytes) -> State:
@@ -86,7 +88,7 @@ class State(msgspec.Struct, kw_only=True):
 
     def digest(self) -> str:
         """A fingerprint of the whole state (equal states have equal digests)."""
-        return hashlib.sha256(self.encode()).hexdigest()
+        return hashlib.sha256(msgspec.json.encode(self, order="sorted")).hexdigest()
 
 
 def project(records: Iterable[Recorded], state: State | None = None) -> State:

@@ -6,6 +6,12 @@ Every accepted message belongs to a thread; its status moves from ``pending`` th
 (some message dead-lettered) once the pump records ``ThreadCompleted``, ``killed`` after
 ``ThreadKilled`` and ``paused`` while its token budget is exhausted.
 Events about messages this projection never saw accepted are ignored, so any sequence folds.
+
+Memory follows live work, not history: an ended thread keeps only its summary, and only the
+newest ``organism.retention.ended_threads`` ended threads are kept at all (killed threads, and
+threads holding dead letters, are kept until those are resolved); only the newest
+``retention.idempotency_keys`` keys are remembered. Both limits come from the organism events
+in the log, so a replay forgets exactly what the live state forgot. The log keeps everything.
 """
 
 from __future__ import annotations
@@ -26,12 +32,18 @@ from xml_pipeline.events import (
     MessageDropped,
     MessageRejected,
     MessageRetried,
+    OrganismLoaded,
+    OrganismReloaded,
     ThreadCompleted,
     ThreadKilled,
 )
 from xml_pipeline.organism import RESERVED_SENDERS
 
-__all__ = ["FINAL", "MessageInfo", "ThreadInfo", "Threads", "evolve"]
+__all__ = ["FINAL", "KEEP_ENDED", "KEEP_KEYS", "MessageInfo", "ThreadInfo", "Threads", "evolve"]
+
+#: Defaults of ``organism.retention`` (for logs whose organism events do not say).
+KEEP_ENDED = 10_000
+KEEP_KEYS = 100_000
 
 #: Message statuses after which nothing more happens to a message (unless an operator retries).
 #: "outbound" marks a message addressed outside the organism (a reply to an API client).
@@ -79,6 +91,11 @@ class Threads(msgspec.Struct, kw_only=True):
     dead_letters: dict[str, str] = msgspec.field(default_factory=dict)
     rejected: int = 0
     accepted: int = 0
+    #: (thread id, its message count then) for each thread that ended, oldest first
+    ended: list[tuple[str, int]] = msgspec.field(default_factory=list)
+    keep_ended: int = KEEP_ENDED
+    keep_keys: int = KEEP_KEYS
+    forgotten: int = 0  # ended threads no longer kept
 
 
 @singledispatch
@@ -109,6 +126,44 @@ def _forget_finished(state: Threads, thread: ThreadInfo) -> None:
     thread.messages = kept
 
 
+def _slack(keep: int) -> int:
+    """How far past its limit a collection may grow before it is trimmed (trimming in batches
+    keeps the cost per event constant)."""
+    return max(16, keep // 8)
+
+
+def _ended(state: Threads, thread: ThreadInfo) -> None:
+    """Remember that ``thread`` ended; forget the oldest ended threads beyond the limit."""
+    state.ended.append((thread.thread_id, thread.message_count))
+    if len(state.ended) <= state.keep_ended + _slack(state.keep_ended):
+        return
+    cut = len(state.ended) - state.keep_ended
+    for thread_id, count in state.ended[:cut]:
+        old = state.threads.get(thread_id)
+        # Skip a thread that went on after this entry (a later entry covers it), a killed
+        # thread (it must keep refusing messages) and one holding dead letters.
+        if (old is not None and old.message_count == count and not old.messages
+                and old.status in ("completed", "failed")):
+            del state.threads[thread_id]
+            state.forgotten += 1
+    del state.ended[:cut]
+
+
+def _remember_key(state: Threads, key: str, ids: tuple[str, str]) -> None:
+    keys = state.idempotency
+    if key in keys:
+        return
+    keys[key] = ids
+    if len(keys) > state.keep_keys + _slack(state.keep_keys):
+        kept = list(keys.items())[len(keys) - state.keep_keys:] if state.keep_keys else []
+        state.idempotency = dict(kept)
+
+
+def _retain(state: Threads, retention: dict[str, int]) -> None:
+    state.keep_ended = retention.get("ended_threads", KEEP_ENDED)
+    state.keep_keys = retention.get("idempotency_keys", KEEP_KEYS)
+
+
 def _close(state: Threads, message: MessageInfo, status: str, at: float) -> None:
     was_open = message.status not in FINAL
     message.status = status
@@ -117,6 +172,18 @@ def _close(state: Threads, message: MessageInfo, status: str, at: float) -> None
         thread.open_count -= 1
         if thread.status == "killed" and thread.open_count == 0:
             _forget_finished(state, thread)
+
+
+@evolve.register
+def _(event: OrganismLoaded, state: Threads, position: int) -> Threads:
+    _retain(state, event.retention)
+    return state
+
+
+@evolve.register
+def _(event: OrganismReloaded, state: Threads, position: int) -> Threads:
+    _retain(state, event.retention)
+    return state
 
 
 @evolve.register
@@ -147,8 +214,7 @@ def _(event: MessageAccepted, state: Threads, position: int) -> Threads:
         accepted_at=event.at, position=position, status="outbound" if outbound else "pending",
     )
     if event.idempotency_key is not None:
-        state.idempotency.setdefault(event.idempotency_key,
-                                     (event.message_id, event.thread_id))
+        _remember_key(state, event.idempotency_key, (event.message_id, event.thread_id))
     return state
 
 
@@ -249,6 +315,7 @@ def _(event: ThreadCompleted, state: Threads, position: int) -> Threads:
     if thread is not None and thread.status == "active" and thread.open_count == 0:
         thread.status = "failed" if thread.dead_count else "completed"
         _forget_finished(state, thread)
+        _ended(state, thread)
     return state
 
 

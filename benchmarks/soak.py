@@ -1,7 +1,7 @@
 """Load soak: steady load below capacity, a burst above it, and what the server does meanwhile.
 
     python benchmarks/soak.py [--minutes 5] [--fraction 0.5] [--burst-seconds 30]
-                              [--burst-clients 128] [--dir PATH]
+                              [--burst-clients 512] [--dir PATH]
 
 The three-hop chain of ``benchmarks/chaos.py`` (hop1 -> hop2 -> hop3, handlers sleeping 0-2 ms,
 concurrency 4, ``fsync: batch``) runs as ``xml-pipeline run`` in a child process. Phases:
@@ -15,7 +15,8 @@ concurrency 4, ``fsync: batch``) runs as ``xml-pipeline run`` in a child process
    end to end (``ThreadCompleted`` seen on ``GET /api/v1/events``).
 3. **burst**: ``--burst-clients`` clients inject back to back, without backing off, for
    ``--burst-seconds``: far above capacity. Every answer is counted by status; the server must
-   answer 429/503 rather than queue without bound.
+   answer 429/503 rather than queue without bound. Then a **polite** burst: the same clients,
+   each waiting what ``Retry-After`` says after a refusal, as a well-behaved client does.
 4. **drain** (until ``GET /organism/state`` says idle) and **recovery**: the steady rate again
    for ``--recovery-seconds``.
 
@@ -153,7 +154,8 @@ class Connection:
         self.host, self.port = host, port
         self.streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
 
-    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes, float | None]:
+        """(status, body, Retry-After seconds or None)."""
         if self.streams is None:
             self.streams = await asyncio.open_connection(self.host, self.port)
         reader, writer = self.streams
@@ -165,6 +167,7 @@ class Connection:
             status = int(head[9:12])
             length = 0
             close = False
+            retry_after = None
             for line in head.split(b"\r\n")[1:]:
                 name, _, value = line.partition(b":")
                 name = name.strip().lower()
@@ -172,13 +175,15 @@ class Connection:
                     length = int(value)
                 elif name == b"connection" and value.strip().lower() == b"close":
                     close = True
+                elif name == b"retry-after":
+                    retry_after = float(value)
             answer = await reader.readexactly(length)
         except BaseException:
             self.close()
             raise
         if close:
             self.close()
-        return status, answer
+        return status, answer, retry_after
 
     def close(self) -> None:
         if self.streams is not None:
@@ -197,18 +202,18 @@ class Injector:
         self.count += 1
         return b'{"to": "hop1", "payload": "<Item><n>s%d</n></Item>"}' % self.count
 
-    async def once(self, connection: Connection, scheduled: float) -> int:
-        """One injection; returns its status (0 for a transport error)."""
+    async def once(self, connection: Connection, scheduled: float) -> tuple[int, float | None]:
+        """One injection: its status (0 for a transport error) and Retry-After."""
         try:
-            status, answer = await connection.post("/api/v1/inject", self.body())
+            status, answer, retry_after = await connection.post("/api/v1/inject", self.body())
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as error:
             self.seen.failures[type(error).__name__] += 1
-            return 0
+            return 0, None
         now = time.monotonic()
         self.seen.statuses[status] += 1
         if status == 202:
             self.seen.acknowledged(json.loads(answer)["thread_id"], scheduled, now)
-        return status
+        return status, retry_after
 
     async def scheduled(self, rate: float, seconds: float, *, workers: int = 64) -> None:
         """Open loop: injection i is due at start + i / rate, whoever is free sends it."""
@@ -231,16 +236,20 @@ class Injector:
             for _ in range(workers):
                 tasks.create_task(worker())
 
-    async def flat_out(self, clients: int, seconds: float, *, back_off: float = 0.0) -> None:
-        """Closed loop: each client sends its next injection as soon as it has an answer."""
+    async def flat_out(self, clients: int, seconds: float, *, back_off: float = 0.0,
+                       polite: bool = False) -> None:
+        """Closed loop: each client sends its next injection as soon as it has an answer;
+        after a refusal it waits ``back_off`` seconds, or (``polite``) what Retry-After says."""
         end = time.monotonic() + seconds
 
         async def client() -> None:
             connection = Connection(self.host, self.port)
             try:
                 while time.monotonic() < end:
-                    status = await self.once(connection, time.monotonic())
-                    if status != 202 and back_off:
+                    status, retry_after = await self.once(connection, time.monotonic())
+                    if status != 202 and polite and retry_after is not None:
+                        await asyncio.sleep(min(retry_after, max(0.0, end - time.monotonic())))
+                    elif status != 202 and back_off:
                         await asyncio.sleep(back_off)
             finally:
                 connection.close()
@@ -350,6 +359,9 @@ async def soak(folder: Path, args: argparse.Namespace) -> int:
             args.burst_clients, args.burst_seconds), phases)
         drained = await wait_idle(base)
         print(f"[drain] idle {drained:.1f} s after the burst", flush=True)
+        polite = await phase(seen, "polite", lambda: injector.flat_out(
+            args.burst_clients, args.burst_seconds, polite=True), phases)
+        print(f"[drain] idle {await wait_idle(base):.1f} s after the polite burst", flush=True)
         recovery = await phase(seen, "recovery", lambda: injector.scheduled(
             rate, args.recovery_seconds), phases)
         await wait_idle(base)
@@ -364,12 +376,12 @@ async def soak(folder: Path, args: argparse.Namespace) -> int:
                 await task
 
     raw, raw_flat = await baseline(rate, min(60.0, args.minutes * 60), folder)
-    return report(seen, phases, steady, burst, recovery, rate=rate, capacity=capacity,
+    return report(seen, phases, steady, burst, polite, recovery, rate=rate, capacity=capacity,
                   drained=drained, raw=raw, raw_flat=raw_flat)
 
 
 def report(seen: Observations, phases: list[Phase], steady: Phase, burst: Phase,
-           recovery: Phase, *, rate: float, capacity: float, drained: float,
+           polite: Phase, recovery: Phase, *, rate: float, capacity: float, drained: float,
            raw: list[float], raw_flat: float) -> int:
     print()
     print(f"capacity {capacity:.0f} conversations/s; steady rate {rate:.0f}/s "
@@ -386,6 +398,7 @@ def report(seen: Observations, phases: list[Phase], steady: Phase, burst: Phase,
     print(latency_line("ack steady", window(seen.acks, steady.start, steady.end)))
     print(latency_line("end-to-end steady", window(seen.ends, steady.start, steady.end)))
     print(latency_line("ack burst (202 only)", window(seen.acks, burst.start, burst.end)))
+    print(latency_line("ack polite (202 only)", window(seen.acks, polite.start, polite.end)))
     print(latency_line("ack recovery", window(seen.acks, recovery.start, recovery.end)))
     print(latency_line("end-to-end recovery", window(seen.ends, recovery.start, recovery.end)))
     print(latency_line("RAW BASELINE ack", raw))
@@ -394,7 +407,7 @@ def report(seen: Observations, phases: list[Phase], steady: Phase, burst: Phase,
     print("server memory (RSS MiB): start / after 1 min / end of steady / peak in burst / end")
     steady_memory = memory_in(seen, steady.start, steady.end)
     first_minute = memory_in(seen, steady.start + 55, steady.start + 65) or steady_memory[:1]
-    burst_memory = memory_in(seen, burst.start, burst.end + drained)
+    burst_memory = memory_in(seen, burst.start, polite.end)
     print(f"  {seen.memory[0][1]:.1f} / {first_minute[0]:.1f} / {steady_memory[-1]:.1f} / "
           f"{max(burst_memory):.1f} / {seen.memory[-1][1]:.1f}")
     span = (steady.end - steady.start - 60) / 60
@@ -430,7 +443,7 @@ def main() -> None:
                         help="steady rate as a share of the measured capacity")
     parser.add_argument("--probe-clients", type=int, default=32)
     parser.add_argument("--probe-seconds", type=float, default=20.0)
-    parser.add_argument("--burst-clients", type=int, default=128)
+    parser.add_argument("--burst-clients", type=int, default=512)
     parser.add_argument("--burst-seconds", type=float, default=30.0)
     parser.add_argument("--recovery-seconds", type=float, default=30.0)
     parser.add_argument("--dir", type=Path, help="where the organism and its log go "

@@ -87,7 +87,7 @@ async def inject(request: Request) -> Response:
                   - {type: string, minLength: 1, description: "the payload as XML text"}
                   - {type: object, minProperties: 1, description: "the payload's elements"}
               thread_id: {type: string, nullable: true}
-              idempotency_key: {type: string, nullable: true}
+              idempotency_key: {type: string, nullable: true, minLength: 1, maxLength: 256}
           example: {to: summarizer, payload: "<Text><body>Hello</body></Text>"}
         application/xml:
           schema: {type: string, description: "a full envelope, or a bare payload with ?to="}

@@ -7,6 +7,8 @@ gracefully on SIGINT/SIGTERM or ``POST /api/v1/organism/stop``.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import importlib.util
 import ipaddress
 import logging
@@ -24,7 +26,7 @@ from xml_pipeline.api.auth import TOKEN_ENV
 from xml_pipeline.api.stream import close_streams
 from xml_pipeline.organism import Organism
 
-__all__ = ["Server", "UnsafeBindError", "config", "is_loopback", "serve"]
+__all__ = ["Server", "UnsafeBindError", "config", "is_loopback", "serve", "steady_heap"]
 
 
 class UnsafeBindError(Exception):
@@ -73,9 +75,30 @@ def config(organism: Organism, *, host: str, port: int, data: Path | None, token
     )
 
 
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+_MMAP_THRESHOLD = 256 * 1024
+
+
+def steady_heap() -> bool:
+    """Make glibc give every allocation over 256 KiB its own mapping, returned when freed.
+
+    By default glibc raises that threshold whenever such a block is freed, after which large
+    short-lived buffers (log reads, snapshots) come from the heap and fragment it: a server
+    that followed its log grew by about 50 bytes per record. Fixing the threshold keeps memory
+    flat (see the load soak in docs/benchmarks.md). Returns False where there is no glibc."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = getattr(libc, "mallopt", None)
+    except OSError:
+        return False
+    return bool(mallopt is not None and mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) == 1)
+
+
 async def serve(organism: Organism, *, host: str, port: int, data: Path | None = None,
                 token: str | None = None, access_log: bool = True, watch: bool = True) -> None:
     """Run the API (and so the pump) until a signal or ``POST /organism/stop``."""
+    steady_heap()
     stop = asyncio.Event()
     server = Server(config(organism, host=host, port=port, data=data, token=token,
                                    access_log=access_log, stop=stop, watch=watch))

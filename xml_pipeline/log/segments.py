@@ -57,6 +57,7 @@ HEADER_SIZE = HEADER.size
 GENESIS = bytes(16)
 SUFFIX = ".log"
 _CHUNK = 4 * 1024 * 1024
+_SMALL_CHUNK = 64 * 1024
 _MAX_DATA = 1 << 30
 
 
@@ -289,7 +290,11 @@ class LogReader:
             handle.seek(self._offset)
             pending = b""
             while True:
-                chunk = handle.read(_CHUNK)
+                # Ask for no more than the file holds: read(n) allocates n bytes first, and a
+                # follower polling for a few new records would allocate 4 MiB each time, which
+                # fragments the heap (resident memory grew ~50 bytes per record followed).
+                unread = os.fstat(handle.fileno()).st_size - handle.tell()
+                chunk = handle.read(min(_CHUNK, max(unread, _SMALL_CHUNK)))
                 if not chunk:
                     if pending and _good_frame_in(pending, 1, len(pending)):
                         raise self._damaged("a frame runs past the end of the file, and good "

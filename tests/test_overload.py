@@ -74,6 +74,10 @@ async def test_requests_beyond_max_requests_get_503_with_retry_after(
         # The slots are free again.
         assert (await http.post("/inject", json={"to": "third", "payload": item(2)})
                 ).status_code == 202
+        # Every counted operation documents the 503; the event stream is not counted.
+        paths = (await http.get("/openapi.json")).json()["paths"]
+        assert "503" in paths["/agents"]["get"]["responses"]
+        assert "503" not in paths["/events"]["get"]["responses"]
         assert (await http.get("/organism/state")).json()["idle"]
     log = await open_file_log(tmp_path / "events", readonly=True)
     state = await replay(log)

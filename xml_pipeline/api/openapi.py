@@ -3,7 +3,9 @@
 Each endpoint documents itself in the YAML after ``---`` in its docstring (Starlette's
 ``SchemaGenerator``): parameters, request body and every status it answers, referring to the
 shapes below by ``$ref``. What every operation shares is added here: the bearer token (so a 401
-on each operation) and the ``X-Request-ID`` header on every answer.
+on each operation), the 503 of a server with ``organism.api.max_requests`` requests in
+progress (every operation but the event stream), and the ``X-Request-ID`` header on every
+answer.
 """
 
 from __future__ import annotations
@@ -391,7 +393,9 @@ _COMPONENTS["responses"] = {
     "Unprocessable": _error("the payload does not fit the listener's schema"),
     "TooManyRequests": _error("the listener's mailbox is full; retry after Retry-After",
                               retry_after=True),
-    "Unavailable": _error("the organism is stopping, or its log cannot be written"),
+    "Unavailable": _error("too many requests in progress (organism.api.max_requests), the "
+                          "organism is stopping, or its log cannot be written; retry after "
+                          "Retry-After", retry_after=True),
     # Answers, by the name of their shape.
     **{name: _json(name, text) for name, text in [
         ("Organism", "name, status, log position, reload counters"),
@@ -435,15 +439,19 @@ _BASE: dict[str, Any] = {
 }
 
 _UNAUTHORIZED = {"$ref": "#/components/responses/Unauthorized"}
+_UNAVAILABLE = {"$ref": "#/components/responses/Unavailable"}
+_UNCOUNTED = ("/events",)  # not counted against organism.api.max_requests
 
 
 def document(routes: Sequence[BaseRoute]) -> dict[str, Any]:
     """The OpenAPI document of ``routes`` (a fresh dict: callers may change it)."""
     schema = SchemaGenerator(copy.deepcopy(_BASE)).get_schema(routes=list(routes))
-    for operations in schema.get("paths", {}).values():
+    for path, operations in schema.get("paths", {}).items():
         for operation in operations.values():
             responses = operation.setdefault("responses", {})
             responses.setdefault("401", dict(_UNAUTHORIZED))
+            if path not in _UNCOUNTED:
+                responses.setdefault("503", dict(_UNAVAILABLE))
             for response in responses.values():
                 if "$ref" not in response:
                     response.setdefault("headers", {}).update(copy.deepcopy(_REQUEST_ID))

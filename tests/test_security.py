@@ -316,6 +316,8 @@ async def test_an_internal_error_answers_without_a_stack_trace(
         "code": "internal_error",
         "message": "An internal error occurred; the request id identifies it in the server log.",
         "details": None, "request_id": "req-500"}}
+    # Like every other answer, it carries the request id as a header too.
+    assert response.headers["X-Request-ID"] == "req-500"
     for leak in ("Traceback", "RuntimeError", "secret-internal-detail", str(ROOT), ".py"):
         assert leak not in response.text
     logged = [r for r in caplog.records if r.name == "xml_pipeline.api"]

@@ -95,9 +95,12 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
     request_id = request.scope.get("state", {}).get("request_id")
     _log.exception("internal error in %s %s (request %s)", request.method, request.url.path,
                    request_id, exc_info=exc)
+    # This answer leaves through Starlette's outermost middleware, past the one that adds
+    # X-Request-ID to every other answer: add it here.
     return error_response(request, ApiError(
         "internal_error", "An internal error occurred; the request id identifies it in the "
-                          "server log.", status=500))
+                          "server log.", status=500,
+        headers={"X-Request-ID": request_id} if isinstance(request_id, str) else None))
 
 
 def create_app(organism: Organism, *, data: Path | None = None, token: str | None = None,

@@ -269,10 +269,19 @@ async def test_idempotency_key_returns_the_original_ids(pump: Pump, log: FileLog
 
 async def test_a_full_mailbox_answers_busy(pump: Pump) -> None:
     await pump.pause("third", by="test")
-    for k in range(200):
+    first = await pump.inject(item(0), to="third", idempotency_key="k0")
+    for k in range(1, 200):
         await pump.inject(item(k), to="third")
     with pytest.raises(MailboxFullError):
         await pump.inject(item(200), to="third")
+    # Refused before parsing, so bad input is not even looked at (and not recorded) while
+    # full; a retry whose key was recorded still gets its original ids.
+    rejected = pump.state.threads.rejected
+    with pytest.raises(MailboxFullError):
+        await pump.inject("<Item><n>unclosed", to="third")
+    assert pump.state.threads.rejected == rejected
+    again = await pump.inject(item(0), to="third", idempotency_key="k0")
+    assert (again.message_id, again.thread_id) == (first.message_id, first.thread_id)
     await pump.resume("third", by="test")
     await pump.wait_idle()
     assert len(handlers.seen) == 200

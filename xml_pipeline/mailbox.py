@@ -64,12 +64,18 @@ class Mailbox:
     def _has_room(self) -> bool:
         return len(self._queue) + self._reserved < self.capacity
 
+    @property
+    def full(self) -> bool:
+        return not self._has_room()
+
     def reserve_nowait(self) -> None:
         if not self._has_room():
-            raise MailboxFullError(
-                f"The mailbox is full ({self.capacity} messages waiting); retry shortly."
-            )
+            raise self.full_error()
         self._reserved += 1
+
+    def full_error(self) -> MailboxFullError:
+        return MailboxFullError(
+            f"The mailbox is full ({self.capacity} messages waiting); retry shortly.")
 
     async def reserve(self) -> None:
         while not self._has_room():

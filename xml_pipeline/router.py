@@ -136,6 +136,8 @@ class Router:
                 f"The event log cannot be written ({_reason(fault)}), so no message is "
                 "accepted until it can; nothing was acknowledged. Retry shortly.")
         try:
+            if to is not None and not wait:
+                self._refuse_early(to, idempotency_key)
             if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_KEY:
                 raise EnvelopeError(
                     f"The idempotency key is {len(idempotency_key)} characters long; use 1 to "
@@ -158,6 +160,19 @@ class Router:
             await self.reject(exc, raw=data, sender=sender, to=to, thread_id=thread_id,
                                parent_id=None)
             raise
+
+    def _refuse_early(self, to: str, idempotency_key: str | None) -> None:
+        """Refuse a message for a full mailbox before parsing and validating it: under
+        overload, refusals are most of the traffic and should cost little. A retry whose key
+        is known still gets its original ids."""
+        mailbox = self._mailboxes.get(to)
+        if mailbox is None or not mailbox.full:
+            return
+        if idempotency_key is not None and (
+                idempotency_key in self._ledger.state.threads.idempotency
+                or idempotency_key in self._pending_keys):
+            return
+        raise mailbox.full_error()
 
     def listener(self, name: str) -> Listener:
         listener = self._organism().listeners.get(name)

@@ -160,8 +160,9 @@ def _remember_key(state: Threads, key: str, ids: tuple[str, str]) -> None:
 
 
 def _retain(state: Threads, retention: dict[str, int]) -> None:
-    state.keep_ended = retention.get("ended_threads", KEEP_ENDED)
-    state.keep_keys = retention.get("idempotency_keys", KEEP_KEYS)
+    # The loader allows 0 and up; a log written otherwise still folds the same everywhere.
+    state.keep_ended = max(0, retention.get("ended_threads", KEEP_ENDED))
+    state.keep_keys = max(0, retention.get("idempotency_keys", KEEP_KEYS))
 
 
 def _close(state: Threads, message: MessageInfo, status: str, at: float) -> None:

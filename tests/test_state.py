@@ -17,6 +17,7 @@ from xml_pipeline.events import (
     MessageAccepted,
     MessageDeadLettered,
     MessageDelivered,
+    ModelResponded,
     OrganismLoaded,
     Recorded,
     ThreadCompleted,
@@ -210,6 +211,40 @@ def test_a_thread_that_goes_on_after_ending_is_not_forgotten_by_its_first_end() 
                ThreadCompleted(at=41.0, thread_id="t0")]
     threads = project(_records(events)).threads.threads
     assert (threads["t0"].status, threads["t0"].message_count) == ("completed", 2)
+
+
+def test_the_budgets_of_forgotten_threads_are_forgotten_but_totals_keep_their_tokens(
+        ) -> None:
+    events: list[Event] = [_loaded(ended_threads=2)]
+    for n in range(60):
+        thread, message = f"t{n}", f"m{n}"
+        agent_turn: list[Event] = [
+            TokensReserved(at=float(n), reservation_id=f"r{n}", thread_id=thread, agent="a",
+                           model="m", tokens=10),
+            ModelResponded(at=float(n), key=f"{message}#0", message_id=message,
+                           thread_id=thread, agent="a", model="m", text="<x/>"),
+            TokensUsed(at=float(n), reservation_id=f"r{n}", thread_id=thread, agent="a",
+                       model="m", input_tokens=3, output_tokens=2, cost=0.0),
+        ]
+        conversation = _conversation(n)
+        events += [*conversation[:2], *agent_turn, *conversation[2:]]
+    records = _records(events)
+    state = project(records)
+    budgets = state.budgets
+    kept = set(state.threads.threads)
+    assert len(kept) <= 2 + 16 and "t59" in kept
+    assert set(budgets.threads) == kept and set(budgets.usage_by_thread) == kept
+    assert {key.partition("|")[0] for key in budgets.thread_agents} == kept
+    assert {key.partition("#")[0] for key in budgets.responses} == {
+        f"m{t[1:]}" for t in kept}
+    assert set(budgets.thread_responses) == kept
+    # The agent's, the model's and the organism's totals still count every token.
+    assert budgets.agents["a"].used == budgets.organism.used == 60 * 5
+    assert budgets.usage_by_model["m"].total_tokens == 60 * 5
+    assert not state.threads.just_forgotten
+    for cut in (0, 100, 333, len(records)):
+        resumed = project(records[cut:], State.decode(project(records[:cut]).encode()))
+        assert resumed.digest() == state.digest()
 
 
 def test_only_the_newest_idempotency_keys_are_remembered() -> None:

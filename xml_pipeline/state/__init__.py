@@ -74,6 +74,10 @@ class State(msgspec.Struct, kw_only=True):
             raise ValueError(f"Event at position {position} is not after {self.position}.")
         for attr, step in _TABLE.get(type(event)) or _steps(type(event)):
             step(event, getattr(self, attr), position)
+        forgotten = self.threads.just_forgotten
+        if forgotten:  # retention: what the threads forgot, the budgets forget too
+            budgets.forget_threads(self.budgets, forgotten)
+            forgotten.clear()
         self.position = position
 
     def encode(self) -> bytes:

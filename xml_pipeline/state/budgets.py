@@ -3,7 +3,9 @@
 Budgets count every token ever used (they are never reset); ``usage`` counts since the last
 ``UsageReset``. Limits come from the organism (``budgets:`` defaults and each listener's
 ``budget:``) and from ``BudgetRaised``. A reservation (``TokensReserved``) holds tokens until the
-``TokensUsed`` that settles it.
+``TokensUsed`` that settles it. The per-thread entries (gauges, usage, recorded answers,
+warnings) of a thread the threads projection forgets (``organism.retention``) are forgotten
+with it; the agent, model and organism totals keep its tokens.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from xml_pipeline.events import (
     UsageReset,
 )
 
-__all__ = ["Budgets", "Gauge", "Reservation", "UsageTotals", "evolve"]
+__all__ = ["Budgets", "Gauge", "Reservation", "UsageTotals", "evolve", "forget_threads"]
 
 
 class UsageTotals(msgspec.Struct, kw_only=True, array_like=True, gc=False):
@@ -93,6 +95,8 @@ class Budgets(msgspec.Struct, kw_only=True):
     usage_since: float | None = None
     #: "<message id>#<step>" -> log position of the ModelResponded holding that answer
     responses: dict[str, int] = msgspec.field(default_factory=dict)
+    #: thread id -> the keys of ``responses`` of its messages (forgotten with the thread)
+    thread_responses: dict[str, list[str]] = msgspec.field(default_factory=dict)
     #: "<scope>:<key>" -> the highest warning level (75, 90, 95) recorded for it
     warnings: dict[str, int] = msgspec.field(default_factory=dict)
 
@@ -220,7 +224,9 @@ def _(event: BudgetRaised, state: Budgets, position: int) -> Budgets:
 
 @evolve.register
 def _(event: ModelResponded, state: Budgets, position: int) -> Budgets:
-    state.responses.setdefault(event.key, position)
+    if event.key not in state.responses:
+        state.responses[event.key] = position
+        state.thread_responses.setdefault(event.thread_id, []).append(event.key)
     return state
 
 
@@ -239,3 +245,18 @@ def _(event: UsageReset, state: Budgets, position: int) -> Budgets:
     state.usage_by_thread.clear()
     state.usage_since = event.at
     return state
+
+
+def forget_threads(state: Budgets, thread_ids: list[str]) -> None:
+    """Drop every per-thread entry of ``thread_ids`` (threads that ended long ago)."""
+    agents = list(state.agents)
+    for thread_id in thread_ids:
+        state.threads.pop(thread_id, None)
+        state.usage_by_thread.pop(thread_id, None)
+        state.warnings.pop(f"thread:{thread_id}", None)
+        for agent in agents:
+            key = f"{thread_id}|{agent}"
+            if state.thread_agents.pop(key, None) is not None:
+                state.warnings.pop(f"thread-agent:{key}", None)
+        for key in state.thread_responses.pop(thread_id, ()):
+            state.responses.pop(key, None)

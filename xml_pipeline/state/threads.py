@@ -96,6 +96,9 @@ class Threads(msgspec.Struct, kw_only=True):
     keep_ended: int = KEEP_ENDED
     keep_keys: int = KEEP_KEYS
     forgotten: int = 0  # ended threads no longer kept
+    #: threads forgotten by the event being folded, for the other projections to forget too
+    #: (emptied by ``State.apply`` after each event, so always empty in a snapshot)
+    just_forgotten: list[str] = msgspec.field(default_factory=list)
 
 
 @singledispatch
@@ -146,6 +149,7 @@ def _ended(state: Threads, thread: ThreadInfo) -> None:
                 and old.status in ("completed", "failed")):
             del state.threads[thread_id]
             state.forgotten += 1
+            state.just_forgotten.append(thread_id)
     del state.ended[:cut]
 
 

@@ -330,6 +330,9 @@ async def baseline(rate: float, seconds: float, cwd: Path) -> tuple[list[float],
 
 async def soak(folder: Path, args: argparse.Namespace) -> int:
     organism = write_organism(folder)
+    if args.snapshot_every is not None:
+        organism.write_text(organism.read_text().replace(
+            "fsync: batch}", f"fsync: batch, snapshot_every: {args.snapshot_every}}}"))
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     server = await start_organism(organism, port)
@@ -446,6 +449,8 @@ def main() -> None:
     parser.add_argument("--burst-clients", type=int, default=512)
     parser.add_argument("--burst-seconds", type=float, default=30.0)
     parser.add_argument("--recovery-seconds", type=float, default=30.0)
+    parser.add_argument("--snapshot-every", type=int,
+                        help="the organism's log.snapshot_every (default: its default)")
     parser.add_argument("--dir", type=Path, help="where the organism and its log go "
                                                  "(default: a temporary folder)")
     args = parser.parse_args()

@@ -69,12 +69,14 @@ def test_retention_and_request_cap(organism_dir: Path) -> None:
                                            modules={mod: HANDLERS}))
     assert (default.retention.ended_threads, default.retention.idempotency_keys,
             default.api.max_requests) == (10_000, 100_000, 256)
+    assert default.log.snapshot_every == 100_000
     path = write_organism(organism_dir, "organism:\n  name: o\n  api: {max_requests: 8}\n"
+                          "  log: {snapshot_every: 0}\n"
                           "  retention: {ended_threads: 0, idempotency_keys: 50}\n" + listeners,
                           modules={mod: HANDLERS})
     organism = load_organism(path)
     assert (organism.retention.ended_threads, organism.retention.idempotency_keys,
-            organism.api.max_requests) == (0, 50, 8)
+            organism.api.max_requests, organism.log.snapshot_every) == (0, 50, 8, 0)
     path = write_organism(organism_dir, "organism:\n  name: o\n  api: {max_requests: 0}\n"
                           "  retention: {ended_threads: -1, idempotency_keys: lots, "
                           "forever: true}\n" + listeners, modules={mod: HANDLERS})

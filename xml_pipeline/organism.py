@@ -90,6 +90,8 @@ class LogConfig:
     url: str | None = None
     fsync: str = "batch"
     segment_bytes: int = 64 * 1024 * 1024
+    #: records between snapshots of the state while running (0: only on a graceful stop)
+    snapshot_every: int = 100_000
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -223,7 +225,7 @@ def _duration(doc: _Doc, value: Any, path: tuple[Any, ...], default: float) -> f
 
 _TOP = ("organism", "listeners")
 _ORGANISM = ("name", "log", "api", "budgets", "limits", "retention")
-_LOG = ("path", "url", "fsync", "segment_bytes")
+_LOG = ("path", "url", "fsync", "segment_bytes", "snapshot_every")
 _API = ("host", "port", "max_requests")
 _RETENTION = ("ended_threads", "idempotency_keys")
 _BUDGETS = ("thread_tokens", "agent_tokens", "organism_tokens")
@@ -269,8 +271,11 @@ def _log(doc: _Doc, value: Any, root: Path) -> LogConfig:
         fsync = "batch"
     segment = doc.whole_number(raw.get("segment_bytes"), (*path, "segment_bytes"),
                                minimum=4096, default=64 * 1024 * 1024)
+    snapshot_every = doc.whole_number(raw.get("snapshot_every"), (*path, "snapshot_every"),
+                                      minimum=0, default=100_000)
     log_path = None if url else (root / (folder or ".xml-pipeline/events"))
-    return LogConfig(path=log_path, url=url, fsync=fsync, segment_bytes=segment or 0)
+    return LogConfig(path=log_path, url=url, fsync=fsync, segment_bytes=segment or 0,
+                     snapshot_every=snapshot_every or 0)
 
 
 #: module name -> digest of its source file when it was (re)imported by a load

@@ -116,7 +116,8 @@ def create_app(organism: Organism, *, data: Path | None = None, token: str | Non
         log = await open_file_log(directory, fsync=organism.log.fsync,
                                   segment_bytes=organism.log.segment_bytes)
         try:
-            async with open_pump(organism, log, stop_timeout=stop_timeout) as pump:
+            async with open_pump(organism, log, stop_timeout=stop_timeout,
+                                 snapshot_every=organism.log.snapshot_every) as pump:
                 observer = Observer()
                 pump.observe(observer)
                 app.state.pump = pump

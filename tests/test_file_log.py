@@ -654,3 +654,19 @@ async def _records(directory: Path) -> list[Recorded]:
         return await read_all(reader)
     finally:
         await reader.aclose()
+
+
+async def test_the_log_knows_where_the_last_record_of_each_batch_is(tmp_path: Path) -> None:
+    # Small segments, so that batches land in several files.
+    log = await open_file_log(tmp_path / "events", segment_bytes=4096)
+    ends = []
+    for size in (1, 7, 3, 20, 1, 12):
+        positions = await log.append([AgentPaused(at=float(n), agent=f"a{n}", by="x" * 50)
+                                      for n in range(size)])
+        ends.append(positions[-1])
+    assert len(segments(tmp_path / "events")) > 1
+    for position in ends:
+        # Exactly what reading the segments finds, without reading them.
+        assert log.location(position) == locate_record(tmp_path / "events", position)
+    assert log.location(ends[3] - 1) is None  # not the end of a batch: read the log for it
+    await log.aclose()

@@ -110,12 +110,13 @@ async def test_a_graceful_stop_waits_for_a_periodic_snapshot_then_saves_its_own(
     release = threading.Event()
     calls: list[tuple[str, int]] = []
 
-    def held_write(folder: Path, position: int, state: bytes) -> Path | None:
+    def held_write(folder: Path, position: int, state: bytes, *,
+                   location: tuple[str, int, bytes] | None = None) -> Path | None:
         calls.append(("start", position))
         if len(calls) == 1:  # the first periodic write stays in flight until the stop begins
             release.wait(BOUND)
         try:
-            return write_snapshot(folder, position, state)
+            return write_snapshot(folder, position, state, location=location)
         finally:
             calls.append(("end", position))
 

@@ -79,6 +79,7 @@ _log = logging.getLogger("xml_pipeline.pump")
 
 SNAPSHOT_EVERY = 100_000
 _NEVER = sys.maxsize
+_Location = tuple[str, int, bytes]  # a record's segment, offset and chain hash
 
 
 class Pump:
@@ -255,7 +256,13 @@ class Pump:
         position = self.state.position
         if position > self.log.last_position:
             return  # folds follow appends, so this is durable; never snapshot what is not
-        write = self._write_snapshot(folder, position, self.state.encode())
+        assert isinstance(self.log, FileLog)
+        # Wait for the end of a write batch: the log knows where that record is, and finding
+        # any other means reading its segment (up to 64 MiB of Python, a stall for the loop).
+        location = self.log.location(position)
+        if location is None and position < self._snapshot_due + self._snapshot_every:
+            return
+        write = self._write_snapshot(folder, position, self.state.encode(), location)
         try:
             self._snapshot_task = group.create_task(write, name="snapshot")
         except RuntimeError:  # the task group is shutting down: no snapshot
@@ -263,21 +270,24 @@ class Pump:
             return
         self._snapshot_due = _NEVER
 
-    async def _write_snapshot(self, folder: Path, position: int, state: bytes) -> None:
+    async def _write_snapshot(self, folder: Path, position: int, state: bytes,
+                              location: _Location | None) -> None:
         try:
-            await self._save_snapshot(folder, position, state)
+            await self._save_snapshot(folder, position, state, location)
         finally:
             self._snapshot_task = None
             if not self._stopping:
                 self._snapshot_due = position + self._snapshot_every
             self._notify()
 
-    async def _save_snapshot(self, folder: Path, position: int, state: bytes) -> None:
+    async def _save_snapshot(self, folder: Path, position: int, state: bytes,
+                             location: _Location | None) -> None:
         """Write the encoded ``state`` (at ``position``) as a snapshot, in a worker thread.
         Never raises but for cancellation: a failure is logged, since a snapshot only makes
         the next start faster."""
         try:
-            path = await asyncio.to_thread(self._write_snapshot_file, folder, position, state)
+            path = await asyncio.to_thread(self._write_snapshot_file, folder, position, state,
+                                           location)
         except Exception as exc:  # any failure: it must not end the pump's task group
             _log.warning("could not save a snapshot in %s: %s", folder, exc)
             return
@@ -285,11 +295,12 @@ class Pump:
             _log.warning("no snapshot saved: the log in %s does not hold record %d", folder,
                          position)
 
-    def _write_snapshot_file(self, folder: Path, position: int, state: bytes) -> Path | None:
+    def _write_snapshot_file(self, folder: Path, position: int, state: bytes,
+                             location: _Location | None) -> Path | None:
         # In a worker thread. The lock keeps two writes apart even when a cancelled wait left
         # one running.
         with self._snapshot_lock:
-            return write_snapshot(folder, position, state)
+            return write_snapshot(folder, position, state, location=location)
 
     # ------------------------------------------------------------ start and recovery
 
@@ -472,7 +483,10 @@ class Pump:
             # first; this one, of the final state, supersedes it.
             if self._snapshot_task is not None:
                 await asyncio.wait([self._snapshot_task])
-            await self._save_snapshot(folder, self.state.position, self.state.encode())
+            position = self.state.position
+            assert isinstance(self.log, FileLog)
+            await self._save_snapshot(folder, position, self.state.encode(),
+                                      self.log.location(position))
 
 
 def budgets_of(organism: Organism) -> dict[str, int | None]:

@@ -24,6 +24,7 @@ import asyncio
 import fcntl
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from contextlib import suppress
 from pathlib import Path
@@ -46,17 +47,21 @@ __all__ = ["FileLog", "open_file_log"]
 
 FSYNC_POLICIES = ("always", "batch", "never")
 _POLL_INTERVAL = 0.05  # how often followers look for records written by other processes
+_LOCATIONS = 1024  # batches whose last record's location the writer remembers
 
 
 class _Batch:
-    __slots__ = ("data", "count", "last_position", "last_hash", "future", "first_position")
+    __slots__ = ("data", "count", "last_position", "last_hash", "last_offset", "future",
+                 "first_position")
 
     def __init__(self, data: bytes, count: int, last_position: int, last_hash: bytes,
-                 future: asyncio.Future[list[int]], first_position: int) -> None:
+                 future: asyncio.Future[list[int]], first_position: int,
+                 last_offset: int = 0) -> None:
         self.data = data
         self.count = count
         self.last_position = last_position
         self.last_hash = last_hash
+        self.last_offset = last_offset  # where the last record's frame starts in ``data``
         self.future = future
         self.first_position = first_position
 
@@ -95,6 +100,9 @@ class _Writer:
         self.largest_batch = 0
         self.bytes_written = 0
         self.in_flight = 0
+        #: position -> (segment name, offset, chain hash) of the last record of each of the
+        #: latest batches written (what a snapshot needs, without reading the segment)
+        self.locations: OrderedDict[int, tuple[str, int, bytes]] = OrderedDict()
         self._thread = threading.Thread(target=self._run, name="xml-pipeline-log-writer",
                                         daemon=True)
         self._thread.start()
@@ -183,6 +191,14 @@ class _Writer:
                     os.ftruncate(self._fd, self.size)
             self._finish(batches, self.failure)
             return
+        assert self.segment is not None
+        offset = self.size
+        for batch in batches:
+            self.locations[batch.last_position] = (self.segment.name,
+                                                   offset + batch.last_offset, batch.last_hash)
+            offset += len(batch.data)
+        while len(self.locations) > _LOCATIONS:
+            self.locations.popitem(last=False)
         self.size += len(data)
         self.bytes_written += len(data)
         self.batches += 1
@@ -393,9 +409,16 @@ class FileLog:
         first = self._next_position
         self._next_position = position
         self._previous_hash = previous
-        writer.submit(_Batch(b"".join(frames), len(frames), position - 1, previous, future,
-                             first))
+        data = b"".join(frames)
+        writer.submit(_Batch(data, len(frames), position - 1, previous, future, first,
+                             len(data) - len(frames[-1])))
         return future
+
+    def location(self, position: int) -> tuple[str, int, bytes] | None:
+        """``(segment name, offset, chain hash)`` of the record at ``position`` if it is the
+        last record of one of the latest batches written (else None: see ``locate_record``)."""
+        writer = self._writer
+        return None if writer is None else writer.locations.get(position)
 
     def _on_durable(self, batches: list[_Batch], error: BaseException | None) -> None:
         for batch in batches:

@@ -125,14 +125,16 @@ def save_snapshot(log_directory: Path, state: State, *, keep: int = 2) -> Path |
     return write_snapshot(log_directory, state.position, state.encode(), keep=keep)
 
 
-def write_snapshot(log_directory: Path, position: int, state: bytes, *, keep: int = 2
-                   ) -> Path | None:
+def write_snapshot(log_directory: Path, position: int, state: bytes, *, keep: int = 2,
+                   location: tuple[str, int, bytes] | None = None) -> Path | None:
     """``save_snapshot`` for a state already encoded (``State.encode()`` of a state at
     ``position``), so that the caller can encode it where the state is consistent and do the
     file work elsewhere (a worker thread). Reads the log's files, writes, fsyncs and renames;
     raises ``OSError``. Returns None, writing nothing, if the log lacks the record at
-    ``position``."""
-    location = locate_record(log_directory, position)
+    ``position``. Given the record's ``location`` (``FileLog.location``), it does not read
+    the log to find it."""
+    if location is None:
+        location = locate_record(log_directory, position)
     if location is None:
         return None
     segment, offset, digest = location

@@ -135,3 +135,26 @@ async def test_a_forgotten_thread_points_at_the_log(organism: Organism,
         assert [e["type"] for e in events][-1] == "ThreadCompleted"
         assert any(e["type"] == "MessageAccepted" and e["data"]["message_id"] ==
                    ids[0]["message_id"] for e in events)
+
+
+async def test_a_reload_changes_max_requests_and_names_what_waits_for_a_restart(
+        organism: Organism, tmp_path: Path) -> None:
+    release = asyncio.Event()
+    async with running_server(organism, tmp_path / "events") as (base, _), \
+            client(base) as http, client(base) as held_client:
+        organism.path.write_text(organism.path.read_text().replace(
+            "api: {max_requests: 2}", "api: {max_requests: 1, port: 9999}"))
+        answer = (await http.post("/organism/reload")).json()
+        assert answer["success"] and answer["restart_needed"] == ["api.port"]
+        held = asyncio.ensure_future(held_client.post(
+            "/inject", content=held_body(release), headers={"Content-Type": "application/json"}))
+        busy = None
+        for _ in range(1000):  # one request in progress is now enough
+            response = await http.get("/agents")
+            if response.status_code == 503:
+                busy = response
+                break
+            await asyncio.sleep(0.01)  # let the held request reach the server
+        assert busy is not None and "handling 1 requests" in busy.json()["error"]["message"]
+        release.set()
+        assert (await held).status_code == 202

@@ -199,3 +199,33 @@ async def test_a_restart_after_sigkill_resumes_from_the_periodic_snapshot(
             assert from_zero.digest() == pump.state.digest()
     finally:
         await log.aclose()
+
+
+async def test_a_reload_changes_how_often_snapshots_are_taken(
+        organism_path: Path, log: FileLog) -> None:
+    from xml_pipeline.reload import reload_organism
+
+    async with open_pump(load_organism(organism_path), log, snapshot_every=10**9) as pump:
+        await inject_conversations(pump, 2)
+        assert not snapshot_files(log)
+        text = organism_path.read_text()
+        organism_path.write_text(text.replace(
+            "organism: {name: pump-test}",
+            f"organism: {{name: pump-test, log: {{snapshot_every: {EVERY}}}}}"))
+        result = await reload_organism(pump)
+        assert result.success and result.restart_needed == ()
+        assert pump.snapshot_every == EVERY
+        await inject_conversations(pump, MESSAGES)
+        while not snapshot_files(log):  # taken while running, at the new pace
+            await pump._signal.wait()
+        organism_path.write_text(text.replace(
+            "organism: {name: pump-test}",
+            "organism: {name: pump-test, log: {snapshot_every: 0, fsync: always}}"))
+        result = await reload_organism(pump)
+        # fsync is a setting of the open log: it waits for a restart, and says so.
+        assert result.success and result.restart_needed == ("log.fsync",)
+        assert pump.snapshot_every == 0
+        before = snapshot_files(log)
+        await inject_conversations(pump, MESSAGES)
+        await pump.wait_idle()
+        assert snapshot_files(log) == before

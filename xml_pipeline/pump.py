@@ -167,6 +167,8 @@ class Pump:
         dead-lettered, changed ones take effect from their next delivery."""
         await self._commit([event])
         old, self.organism = self.organism, organism
+        if organism.log.snapshot_every != old.log.snapshot_every:
+            self.snapshot_every = organism.log.snapshot_every
         for name in event.added:
             self._mailboxes[name] = Mailbox(capacity=self._capacity)
             self._spawn_workers(name, 0, organism.listeners[name].concurrency)
@@ -242,6 +244,20 @@ class Pump:
 
     # ------------------------------------------------------------ snapshots
 
+    @property
+    def snapshot_every(self) -> int:
+        """Records between periodic snapshots (0: only at stop); a reload may change it."""
+        return self._snapshot_every
+
+    @snapshot_every.setter
+    def snapshot_every(self, records: int) -> None:
+        self._snapshot_every = records
+        if self._snapshot_task is None and not self._stopping and self._snapshots():
+            self._snapshot_due = self._next_snapshot(self.state.position)
+
+    def _next_snapshot(self, after: int) -> int:
+        return after + self._snapshot_every if self._snapshot_every else _NEVER
+
     def _snapshots(self) -> Path | None:
         return self.log.directory if isinstance(self.log, FileLog) else None
 
@@ -277,7 +293,7 @@ class Pump:
         finally:
             self._snapshot_task = None
             if not self._stopping:
-                self._snapshot_due = position + self._snapshot_every
+                self._snapshot_due = self._next_snapshot(position)
             self._notify()
 
     async def _save_snapshot(self, folder: Path, position: int, state: bytes,
@@ -309,8 +325,8 @@ class Pump:
         snapshot = None if folder is None else latest_snapshot(folder, log=self.log)
         self.replayed_from = 0 if snapshot is None else snapshot.position
         self._ledger.state = await replay(self.log, state=snapshot)
-        if folder is not None and self._snapshot_every:
-            self._snapshot_due = self.replayed_from + self._snapshot_every
+        if folder is not None:
+            self._snapshot_due = self._next_snapshot(self.replayed_from)
         # After a crash (no OrganismStopped last), any pending message may have been seen.
         self._clean_start = self.state.agents.status in ("new", "stopped")
         now = self._clock()

@@ -19,7 +19,8 @@ from xml_pipeline.errors import OrganismError
 from xml_pipeline.organism import Organism, load_organism
 from xml_pipeline.pump import Pump, budgets_of
 
-__all__ = ["ReloadResult", "diff_organisms", "reload_organism", "watch", "watched_files"]
+__all__ = ["ReloadResult", "diff_organisms", "reload_organism", "restart_needed", "watch",
+           "watched_files"]
 
 _log = logging.getLogger("xml_pipeline.reload")
 
@@ -32,6 +33,21 @@ class ReloadResult:
     updated: tuple[str, ...] = ()
     changes: dict[str, list[str]] = field(default_factory=dict)
     error: str | None = None
+    #: organism settings that changed but take effect only when the process restarts
+    restart_needed: tuple[str, ...] = ()
+
+
+#: Settings read once at start; the rest of the organism (listeners, budgets, limits,
+#: retention, api.max_requests, log.snapshot_every) takes effect at a reload.
+_AT_START = {"api.host": ("api", "host"), "api.port": ("api", "port"),
+             "log.path": ("log", "path"), "log.url": ("log", "url"),
+             "log.fsync": ("log", "fsync"), "log.segment_bytes": ("log", "segment_bytes")}
+
+
+def restart_needed(old: Organism, new: Organism) -> tuple[str, ...]:
+    """The settings of ``new`` that differ from ``old`` and wait for a restart."""
+    return tuple(name for name, (section, key) in _AT_START.items()
+                 if getattr(getattr(old, section), key) != getattr(getattr(new, section), key))
 
 
 def diff_organisms(old: Organism, new: Organism
@@ -67,6 +83,10 @@ async def reload_organism(pump: Pump, path: Path | None = None) -> ReloadResult:
     added, removed, changes = diff_organisms(pump.organism, new)
     if not added and not removed and not changes and new.digest == pump.organism.digest:
         return ReloadResult(success=True)
+    waiting = restart_needed(pump.organism, new)
+    if waiting:
+        _log.warning("organism reloaded, but %s take effect only after a restart",
+                     ", ".join(waiting))
     event = OrganismReloaded(
         at=pump.clock(), name=new.name, digest=new.digest, source=new.source,
         budgets=budgets_of(new), retention=new.retention.summary(),
@@ -75,7 +95,7 @@ async def reload_organism(pump: Pump, path: Path | None = None) -> ReloadResult:
     )
     await pump.swap(new, event)
     return ReloadResult(success=True, added=added, removed=removed, updated=tuple(changes),
-                        changes=changes)
+                        changes=changes, restart_needed=waiting)
 
 
 def watched_files(organism: Organism) -> set[Path]:

@@ -103,6 +103,11 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
         headers={"X-Request-ID": request_id} if isinstance(request_id, str) else None))
 
 
+def _max_requests(app: Starlette) -> int:
+    limit: int = app.state.pump.organism.api.max_requests
+    return limit
+
+
 def create_app(organism: Organism, *, data: Path | None = None, token: str | None = None,
                max_body: int | None = None, stop_timeout: float = 10.0,
                stop: asyncio.Event | None = None, watch: bool = False) -> Starlette:
@@ -142,7 +147,8 @@ def create_app(organism: Organism, *, data: Path | None = None, token: str | Non
         Middleware(RequestIdMiddleware),
         Middleware(AuthMiddleware, token=token),
         Middleware(LocalOnlyMiddleware, token=token),
-        Middleware(RequestLimitMiddleware, limit=organism.api.max_requests,
+        # The limit in force is the running organism's: a reload changes it.
+        Middleware(RequestLimitMiddleware, limit=lambda: _max_requests(app),
                    exempt=("/api/v1/events", "/health", "/metrics")),
         Middleware(BodyLimitMiddleware, limit=limit, exempt=("/api/v1/inject",)),
     ]
@@ -161,8 +167,8 @@ def create_app(organism: Organism, *, data: Path | None = None, token: str | Non
         ClientDisconnect: _client_gone,
         Exception: _internal_error,
     }
-    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
-                    exception_handlers=handlers)
+    app: Starlette = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
+                               exception_handlers=handlers)
     return app
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hmac
 import re
 import uuid
+from collections.abc import Callable
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -150,9 +151,10 @@ class RequestLimitMiddleware:
     Event streams, ``/health`` and ``/metrics`` are not counted: streams are long-lived and
     have their own rules, and monitoring must see an overloaded server."""
 
-    def __init__(self, app: ASGIApp, *, limit: int, exempt: tuple[str, ...] = ()) -> None:
+    def __init__(self, app: ASGIApp, *, limit: Callable[[], int],
+                 exempt: tuple[str, ...] = ()) -> None:
         self.app = app
-        self.limit = limit
+        self.limit = limit  # read at each request: a reload may change it
         self.exempt = exempt
         self.in_progress = 0
 
@@ -160,9 +162,10 @@ class RequestLimitMiddleware:
         if scope["type"] != "http" or scope.get("path") in self.exempt:
             await self.app(scope, receive, send)
             return
-        if self.in_progress >= self.limit:
+        limit = self.limit()
+        if self.in_progress >= limit:
             await _send_error(scope, send, 503, "busy",
-                              f"The server is handling {self.limit} requests already "
+                              f"The server is handling {limit} requests already "
                               "(organism.api.max_requests); retry after Retry-After seconds.",
                               [(b"retry-after", b"1")])
             return

@@ -281,7 +281,8 @@ async def reload(request: Request) -> Response:
     result = await reload_organism(_pump(request))
     body = {"success": result.success, "added": list(result.added),
             "removed": list(result.removed), "updated": list(result.updated),
-            "changes": result.changes, "error": result.error}
+            "changes": result.changes, "error": result.error,
+            "restart_needed": list(result.restart_needed)}
     return JSONResponse(body, status_code=200 if result.success else 422)
 
 

@@ -350,9 +350,13 @@ schemas:
       message_id: {type: string}
   Reloaded:
     type: object
-    required: [success, added, removed, updated, changes, error]
+    required: [success, added, removed, updated, changes, error, restart_needed]
     properties:
       success: {type: boolean}
+      restart_needed:
+        description: "changed settings that take effect only after a restart (api.host, ...)"
+        type: array
+        items: {type: string}
       added: {$ref: '#/components/schemas/Names'}
       removed: {$ref: '#/components/schemas/Names'}
       updated: {$ref: '#/components/schemas/Names'}

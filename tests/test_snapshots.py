@@ -229,3 +229,26 @@ async def test_a_reload_changes_how_often_snapshots_are_taken(
         await inject_conversations(pump, MESSAGES)
         await pump.wait_idle()
         assert snapshot_files(log) == before
+
+
+async def test_periodic_snapshots_never_read_the_log_to_find_their_record(
+        organism_path: Path, log: FileLog, monkeypatch: pytest.MonkeyPatch) -> None:
+    import xml_pipeline.state as state_module
+
+    reads: list[int] = []
+    real = state_module.locate_record
+
+    def counting(directory: Path, position: int) -> tuple[str, int, bytes] | None:
+        reads.append(position)
+        return real(directory, position)
+
+    monkeypatch.setattr(state_module, "locate_record", counting)
+    async with open_pump(load_organism(organism_path), log, snapshot_every=EVERY) as pump:
+        await inject_conversations(pump, MESSAGES)
+        while len(snapshot_files(log)) < 2:
+            await pump._signal.wait()
+        # Each was taken at the end of a write batch, whose place the log remembered.
+        assert reads == []
+        snapshot = latest_snapshot(log.directory)
+        assert snapshot is not None
+        assert log.location(snapshot.position) is not None

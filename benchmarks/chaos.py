@@ -435,6 +435,16 @@ def _check_injection(injection: Injection, accepted: dict[str, MessageAccepted],
 # ------------------------------------------------------------------ the loop
 
 
+async def serve(path: Path, port: int, report: Report, load: Load) -> Server:
+    """Start the organism until it serves, and note the start in ``report`` and ``load``."""
+    server = await start_organism(path, port)
+    report.restart_seconds.append(server.started_in)
+    report.spawned.append(server.process.pid)
+    report.served.append(server.process.pid)
+    load.pid = server.process.pid
+    return server
+
+
 async def crash_loop(folder: Path, *, rounds: int, seed: int, clients: int = 8,
                      max_acks: int = 1000, repeat: int = 50, baseline: int = 5) -> Report:
     """Run the whole scenario in ``folder`` (fresh or empty) and return the checked report."""
@@ -456,11 +466,7 @@ async def crash_loop(folder: Path, *, rounds: int, seed: int, clients: int = 8,
             continue
         # One round in six kills at once: while the last crash's backlog is redelivered.
         acks = 0 if kind < 1 / 4 else rng.randint(1, max_acks)
-        server = await start_organism(path, port)
-        report.restart_seconds.append(server.started_in)
-        report.spawned.append(server.process.pid)
-        report.served.append(server.process.pid)
-        load.pid = server.process.pid
+        server = await serve(path, port, report, load)
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(server.drain())
             try:
@@ -468,11 +474,7 @@ async def crash_loop(folder: Path, *, rounds: int, seed: int, clients: int = 8,
             finally:
                 server.kill()
         await server.process.wait()
-    server = await start_organism(path, port)
-    report.restart_seconds.append(server.started_in)
-    report.spawned.append(server.process.pid)
-    report.served.append(server.process.pid)
-    load.pid = server.process.pid
+    server = await serve(path, port, report, load)
     async with asyncio.TaskGroup() as tasks:
         tasks.create_task(server.drain())
         try:

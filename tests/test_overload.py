@@ -36,11 +36,24 @@ def item(n: object) -> str:
     return f"<Item><n>{n}</n></Item>"
 
 
-async def held_body(release: asyncio.Event) -> AsyncIterator[bytes]:
-    """A request body that is not finished until ``release`` is set."""
+async def held_body(release: asyncio.Event, sent: asyncio.Event) -> AsyncIterator[bytes]:
+    """A request body that is not finished until ``release`` is set; ``sent`` is set once
+    the client has written its headers and first part."""
     yield b'{"to": "third", '
+    sent.set()
     await release.wait()
     yield b'"payload": "<Item><n>held</n></Item>"}'
+
+
+async def until_busy(http: httpx.AsyncClient) -> httpx.Response | None:
+    """The first 503 of ``GET /agents``. The held requests were sent before; each probe is a
+    round trip, in which the server reads what reached it (bounded, to fail not hang)."""
+    for _ in range(1000):
+        answer = await http.get("/agents")
+        if answer.status_code == 503:
+            return answer
+        assert answer.status_code == 200
+    return None
 
 
 async def test_requests_beyond_max_requests_get_503_with_retry_after(
@@ -49,17 +62,13 @@ async def test_requests_beyond_max_requests_get_503_with_retry_after(
     async with running_server(organism, tmp_path / "events") as (base, _), \
             client(base) as http, client(base) as held_a, client(base) as held_b:
         headers = {"Content-Type": "application/json"}
-        held = [asyncio.ensure_future(c.post("/inject", content=held_body(release),
+        sent = [asyncio.Event(), asyncio.Event()]
+        held = [asyncio.ensure_future(c.post("/inject", content=held_body(release, s),
                                              headers=headers))
-                for c in (held_a, held_b)]
-        busy: httpx.Response | None = None
-        for _ in range(1000):  # until both held requests are in progress
-            answer = await http.get("/agents")
-            if answer.status_code == 503:
-                busy = answer
-                break
-            assert answer.status_code == 200
-            await asyncio.sleep(0.01)  # let the held requests reach the server
+                for c, s in zip((held_a, held_b), sent, strict=True)]
+        for event in sent:
+            await event.wait()
+        busy = await until_busy(http)
         assert busy is not None, "two requests in progress never made the server busy"
         error = busy.json()["error"]
         assert error["code"] == "busy" and "max_requests" in error["message"]
@@ -146,15 +155,12 @@ async def test_a_reload_changes_max_requests_and_names_what_waits_for_a_restart(
             "api: {max_requests: 2}", "api: {max_requests: 1, port: 9999}"))
         answer = (await http.post("/organism/reload")).json()
         assert answer["success"] and answer["restart_needed"] == ["api.port"]
+        sent = asyncio.Event()
         held = asyncio.ensure_future(held_client.post(
-            "/inject", content=held_body(release), headers={"Content-Type": "application/json"}))
-        busy = None
-        for _ in range(1000):  # one request in progress is now enough
-            response = await http.get("/agents")
-            if response.status_code == 503:
-                busy = response
-                break
-            await asyncio.sleep(0.01)  # let the held request reach the server
+            "/inject", content=held_body(release, sent),
+            headers={"Content-Type": "application/json"}))
+        await sent.wait()
+        busy = await until_busy(http)  # one request in progress is now enough
         assert busy is not None and "handling 1 requests" in busy.json()["error"]["message"]
         release.set()
         assert (await held).status_code == 202

@@ -102,6 +102,9 @@ class ApiConfig:
     max_requests: int = 256
 
 
+_API_DEFAULTS = ApiConfig()
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Retention:
     """How much finished work the state keeps in memory (the log keeps everything)."""
@@ -523,7 +526,8 @@ def parse_organism(text: str, *, path: Path) -> Organism:
         doc.problem(("organism", "api", "port"), f"organism.api.port must be at most 65535, "
                                                  f"not {show(port)}.")
     max_requests = doc.whole_number(api_raw.get("max_requests"),
-                                    ("organism", "api", "max_requests"), minimum=1, default=256)
+                                    ("organism", "api", "max_requests"), minimum=1,
+                                    default=_API_DEFAULTS.max_requests)
     retention_raw = doc.mapping(org.get("retention"), ("organism", "retention"), _RETENTION)
     defaults = Retention().summary()
     retention = Retention(**{
@@ -585,7 +589,7 @@ def parse_organism(text: str, *, path: Path) -> Organism:
         digest=digest.hexdigest(),
         log=log,
         api=ApiConfig(host=host, port=port if port is not None else 8765,
-                      max_requests=max_requests or 256),
+                      max_requests=max_requests or _API_DEFAULTS.max_requests),
         retention=retention,
         budgets=budgets,
         limits=limits,

@@ -20,7 +20,7 @@ from typing import Any, TextIO
 import msgspec
 
 from xml_pipeline.envelope import format_timestamp
-from xml_pipeline.errors import LogError, OrganismError
+from xml_pipeline.errors import LogError, OrganismError, XmlPipelineError
 from xml_pipeline.events import CATALOGUE, Event, Recorded
 from xml_pipeline.log.file import open_file_log
 from xml_pipeline.log.segments import verify_log
@@ -285,11 +285,28 @@ async def _tail(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ run and inject
 
 
+def _inject_hint(organism: Organism, host: str, port: int) -> str:
+    """An inject command for the first listener that works as pasted, from any directory."""
+    import shlex
+
+    from xml_pipeline.client import default_url
+
+    first = next(iter(organism.listeners.values()))
+    payload = " ".join(line.strip() for line in first.schema.example().splitlines())
+    payload = payload.replace("> <", "><")
+    url = default_url(host, port) if "XML_PIPELINE_URL" not in os.environ else None
+    url = url or f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    return (f"xml-pipeline inject --url {shlex.quote(url)} --to {shlex.quote(first.name)} "
+            f"{shlex.quote(payload)}")
+
+
 async def _run(args: argparse.Namespace) -> int:
+    """Exit status: 0 stopped, 1 the organism or its log is invalid, 2 the address cannot be
+    taken. A startup failure is one line on standard error, and records nothing."""
     import logging
 
     from xml_pipeline.api.auth import TOKEN_ENV
-    from xml_pipeline.api.server import UnsafeBindError, serve
+    from xml_pipeline.api.server import CannotBindError, UnsafeBindError, serve
 
     try:
         organism = load_organism(args.organism)
@@ -306,19 +323,17 @@ async def _run(args: argparse.Namespace) -> int:
     host = args.host or os.environ.get("XML_PIPELINE_HOST") or organism.api.host
     port = args.port if args.port is not None else int(
         os.environ.get("XML_PIPELINE_PORT", organism.api.port))
-    first = next(iter(organism.listeners.values()))
     print(f"organism {organism.name!r}: {len(organism.listeners)} listeners, log {data}, "
           f"API http://{host}:{port}/api/v1", flush=True)
-    print(f"inject with: xml-pipeline inject --to {first.name} "
-          f"'<{first.schema.root}>...</{first.schema.root}>'", flush=True)
+    print(f"inject with: {_inject_hint(organism, host, port)}", flush=True)
     try:
         await serve(organism, host=host, port=port, data=data,
                     token=os.environ.get(TOKEN_ENV) or None, access_log=not args.no_access_log,
                     watch=not args.no_watch)
-    except UnsafeBindError as exc:
+    except (UnsafeBindError, CannotBindError) as exc:
         print(str(exc), file=sys.stderr)
         return 2
-    except LogError as exc:
+    except XmlPipelineError as exc:
         print(exc.message, file=sys.stderr)
         return 1
     print("stopped", flush=True)

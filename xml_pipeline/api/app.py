@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +35,10 @@ from xml_pipeline.api.responses import ApiError, JSONResponse, error_response
 from xml_pipeline.errors import XmlPipelineError
 from xml_pipeline.log.file import open_file_log
 from xml_pipeline.organism import Organism
-from xml_pipeline.pump import open_pump
+from xml_pipeline.pump import Pump, open_pump
 from xml_pipeline.reload import watch as reload_watch
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "open_organism"]
 
 _log = logging.getLogger("xml_pipeline.api")
 
@@ -108,39 +108,60 @@ def _max_requests(app: Starlette) -> int:
     return limit
 
 
+@asynccontextmanager
+async def open_organism(organism: Organism, directory: Path, *, stop_timeout: float = 10.0
+                        ) -> AsyncIterator[Pump]:
+    """Open the organism's file log in ``directory`` and run its pump until exit.
+
+    Everything that can stop an organism from starting (a locked or damaged log, a failed
+    replay) fails here, before anything is served or recorded."""
+    log = await open_file_log(directory, fsync=organism.log.fsync,
+                              segment_bytes=organism.log.segment_bytes)
+    try:
+        async with open_pump(organism, log, stop_timeout=stop_timeout,
+                             snapshot_every=organism.log.snapshot_every) as pump:
+            yield pump
+    finally:
+        await log.aclose()
+
+
 def create_app(organism: Organism, *, data: Path | None = None, token: str | None = None,
                max_body: int | None = None, stop_timeout: float = 10.0,
-               stop: asyncio.Event | None = None, watch: bool = False) -> Starlette:
-    """The API application for ``organism``, logging to ``data`` (default: its log path)."""
+               stop: asyncio.Event | None = None, watch: bool = False,
+               pump: Pump | None = None) -> Starlette:
+    """The API application for ``organism``, logging to ``data`` (default: its log path).
+
+    Given a running ``pump`` (see ``open_organism``), the application serves it and leaves
+    opening and closing it to the caller."""
     directory = data if data is not None else organism.log.path
-    if directory is None:
+    if directory is None and pump is None:
         raise ValueError("This organism has no file log path; pass data=DIR.")
+
+    def running() -> AbstractAsyncContextManager[Pump]:
+        if pump is not None:
+            return nullcontext(pump)
+        assert directory is not None
+        return open_organism(organism, directory, stop_timeout=stop_timeout)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        log = await open_file_log(directory, fsync=organism.log.fsync,
-                                  segment_bytes=organism.log.segment_bytes)
-        try:
-            async with open_pump(organism, log, stop_timeout=stop_timeout,
-                                 snapshot_every=organism.log.snapshot_every) as pump:
-                observer = Observer()
-                pump.observe(observer)
-                app.state.pump = pump
-                app.state.observer = observer
-                app.state.stop = stop if stop is not None else asyncio.Event()
-                if not watch:
-                    yield
-                    return
-                # organism.yaml, its XSDs and handler modules are watched while it runs.
-                unwatch = asyncio.Event()
-                watcher = asyncio.ensure_future(reload_watch(pump, stop=unwatch))
-                try:
-                    yield
-                finally:
-                    unwatch.set()
-                    await watcher
-        finally:
-            await log.aclose()
+        async with running() as pump:
+            observer = Observer()
+            pump.observe(observer)
+            app.state.pump = pump
+            app.state.observer = observer
+            app.state.stop = stop if stop is not None else asyncio.Event()
+            if not watch:
+                yield
+                return
+            # organism.yaml, its XSDs and handler modules are watched while it runs.
+            unwatch = asyncio.Event()
+            watcher = asyncio.ensure_future(reload_watch(pump, stop=unwatch))
+            try:
+                yield
+            finally:
+                unwatch.set()
+                await watcher
 
     limit = max_body if max_body is not None else organism.limits.max_bytes
     middleware = [

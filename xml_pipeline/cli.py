@@ -27,6 +27,7 @@ from xml_pipeline.log.segments import verify_log
 from xml_pipeline.organism import Organism, load_organism
 from xml_pipeline.remote import (
     Style,
+    UsageError,
     inject_command,
     local_organism,
     remote_command,
@@ -260,13 +261,10 @@ async def _tail(args: argparse.Namespace) -> int:
         print(f"There is no log at {directory}; pass --data DIR.", file=sys.stderr)
         return 1
     directory.mkdir(parents=True, exist_ok=True)
-    unknown = [t for t in args.type or () if t not in CATALOGUE]
-    if unknown:
-        print(f"Unknown event type(s): {', '.join(unknown)}. Known: "
-              f"{', '.join(sorted(CATALOGUE))}.", file=sys.stderr)
-        return 2
-    tail = _Tail(args, sys.stdout)
     log = await open_file_log(directory, readonly=True)
+    if args.lines is not None:  # the last N records (filters then apply to them)
+        args.after = max(0, log.last_position - args.lines)
+    tail = _Tail(args, sys.stdout)
     # Filtering by thread needs the message -> thread map from the start of the log.
     start = 0 if args.thread else (args.after or 0)
     try:
@@ -343,6 +341,34 @@ async def _run(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ entry point
 
 
+def _whole(low: int, high: int | None = None) -> Any:
+    """An argparse type: a whole number from ``low`` (to ``high``), said in the CLI's words."""
+    def parse(text: str) -> int:
+        span = f"from {low} to {high}" if high is not None else f"of {low} or more"
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number {span}, not {text!r}"
+                                             ) from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be a whole number {span}, not {value}")
+        return value
+    return parse
+
+
+def _tail_command(args: argparse.Namespace) -> int:
+    unknown = [t for t in args.type or () if t not in CATALOGUE]
+    if unknown:
+        print(f"Unknown event type(s): {', '.join(unknown)}. Known: "
+              f"{', '.join(sorted(CATALOGUE))}.", file=sys.stderr)
+        return 2
+    if args.no_follow and not args.url:
+        print("--no-follow goes with --url; a log directory is followed only with -f.",
+              file=sys.stderr)
+        return 2
+    return tail_command(args) if args.url else asyncio.run(_tail(args))
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xml-pipeline",
@@ -384,12 +410,14 @@ def _parser() -> argparse.ArgumentParser:
     threads.add_argument("--status", choices=["active", "completed", "failed", "killed",
                                               "paused"])
     threads.add_argument("--agent", help="only threads this listener took part in")
-    threads.add_argument("--limit", type=int, default=50)
+    threads.add_argument("--limit", type=_whole(1, 1000), default=50, help="at most this many "
+                         "(1 to 1000)")
     threads.add_argument("--url", help=url_help)
     threads.add_argument("--json", action="store_true", help="machine-readable output")
     threads.set_defaults(run=remote_command)
     dead = commands.add_parser("dead-letters", help="list dead-lettered messages")
-    dead.add_argument("--limit", type=int, default=50)
+    dead.add_argument("--limit", type=_whole(1, 1000), default=50,
+                      help="at most this many (1 to 1000)")
     dead.add_argument("--url", help=url_help)
     dead.add_argument("--json", action="store_true", help="machine-readable output")
     dead.set_defaults(run=remote_command)
@@ -402,7 +430,8 @@ def _parser() -> argparse.ArgumentParser:
     budget.set_defaults(run=remote_command)
 
     usage = commands.add_parser("usage", help="token usage and budgets (gas gauges)")
-    usage.add_argument("--threads", type=int, default=10, help="how many threads to show")
+    usage.add_argument("--threads", type=_whole(1, 1000), default=10,
+                       help="how many threads to show (1 to 1000)")
     usage.add_argument("--url", help=url_help)
     usage.add_argument("--json", action="store_true", help="machine-readable output")
     usage.set_defaults(run=usage_command)
@@ -422,12 +451,19 @@ def _parser() -> argparse.ArgumentParser:
     tail.add_argument("--thread", help="only events of this thread")
     tail.add_argument("--agent", help="only events naming this listener")
     tail.add_argument("--type", action="append", help="only events of this type (repeatable)")
-    tail.add_argument("--after", type=int, default=None,
-                      help="start after this position (default: the start of a log directory; "
-                           "with --url, only new events)")
+    start = tail.add_mutually_exclusive_group()
+    start.add_argument("--after", type=_whole(0), default=None, metavar="POSITION",
+                       help="start after this position (default: the start of a log directory; "
+                            "with --url, only new events)")
+    start.add_argument("-n", "--lines", type=_whole(1), default=None, metavar="N",
+                       help="start with the last N records of the log (filters apply to them)")
     tail.add_argument("--json", action="store_true", help="one JSON object per line")
-    tail.add_argument("--url", help="follow a running organism over its API (always follows)")
-    tail.set_defaults(run=lambda a: tail_command(a) if a.url else asyncio.run(_tail(a)))
+    tail.add_argument("--url", help="follow a running organism over its API (always follows, "
+                                    "reconnecting when it goes away)")
+    tail.add_argument("--no-follow", action="store_true",
+                      help="with --url: exit with status 1 when the organism goes away "
+                           "instead of reconnecting")
+    tail.set_defaults(run=_tail_command)
     return parser
 
 
@@ -435,6 +471,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return int(args.run(args))
+    except UsageError as exc:
+        print(f"xml-pipeline {args.command}: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
-__all__ = ["Client", "ClientError", "default_url"]
+__all__ = ["Client", "ClientError", "default_url", "organism_url"]
 
 TOKEN_ENV = "XML_PIPELINE_API_TOKEN"
 
@@ -31,12 +32,36 @@ def default_url(host: str = "127.0.0.1", port: int = 8765) -> str:
     ``XML_PIPELINE_PORT`` taking precedence over them)."""
     explicit = os.environ.get("XML_PIPELINE_URL")
     if explicit:
-        return explicit.rstrip("/")
+        return organism_url(explicit)
     host = os.environ.get("XML_PIPELINE_HOST", host)
     port = int(os.environ.get("XML_PIPELINE_PORT", port))
     if host in ("0.0.0.0", "::"):
         host = "127.0.0.1"
     return f"http://{host}:{port}"
+
+
+def organism_url(text: str) -> str:
+    """``text`` as the base URL of an organism: ``HOST:PORT`` means ``http://HOST:PORT``.
+    Raises ValueError with a sentence saying what is wrong."""
+    text = text.strip().rstrip("/")
+    if "://" not in text:
+        text = "http://" + text
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"The organism's address must start with http:// or https://, not "
+                         f"{parts.scheme}://; for example http://127.0.0.1:8765.")
+    try:
+        parts.port  # noqa: B018 - a port that is not a number raises here
+    except ValueError:
+        raise ValueError(f"The port of {text!r} is not a number from 0 to 65535; for "
+                         f"example http://127.0.0.1:8765.") from None
+    if not parts.hostname:
+        raise ValueError(f"The address {text!r} names no host; for example "
+                         f"http://127.0.0.1:8765.")
+    if parts.query or parts.fragment or parts.path not in ("", "/"):
+        raise ValueError(f"Give the organism's address without a path ({parts.scheme}://"
+                         f"{parts.netloc}), not {text!r}: commands add /api/v1 themselves.")
+    return text
 
 
 class Client:
@@ -105,9 +130,11 @@ class Client:
         return result
 
     def events(self, *, after: int | None = None, thread: str | None = None,
-               agent: str | None = None, types: list[str] | None = None
-               ) -> Iterator[dict[str, Any]]:
-        """Follow ``GET /events`` (SSE), yielding each event's JSON object."""
+               agent: str | None = None, types: list[str] | None = None,
+               on_open: Callable[[], None] | None = None) -> Iterator[dict[str, Any]]:
+        """Follow ``GET /events`` (SSE), yielding each event's JSON object (a ``lagging``
+        notice has ``after`` and no ``position``). ``on_open`` is called once the server has
+        accepted the stream. Ends when the server ends the stream."""
         params: dict[str, Any] = {"after": after, "thread": thread, "agent": agent}
         if types:
             params["type"] = ",".join(types)
@@ -118,6 +145,8 @@ class Client:
                 if not response.is_success:
                     response.read()
                     self._check(response)
+                if on_open is not None:
+                    on_open()
                 data: list[str] = []
                 for line in response.iter_lines():
                     if line.startswith("data:"):

@@ -10,14 +10,15 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from xml_pipeline.errors import OrganismError
 from xml_pipeline.organism import Organism, load_organism
 
-__all__ = ["Style", "inject_command", "local_organism", "remote_command", "tail_command",
-           "usage_command"]
+__all__ = ["RECONNECT_FIRST", "RECONNECT_MAX", "Style", "UsageError", "inject_command",
+           "local_organism", "remote_command", "tail_command", "usage_command"]
 
 DEFAULT_ORGANISM = "organism.yaml"
 
@@ -50,15 +51,23 @@ def _read_payload(text: str) -> str:
     return text
 
 
-def _url(args: argparse.Namespace) -> str:
-    from xml_pipeline.client import default_url
+class UsageError(Exception):
+    """A command-line value that cannot work; the message says why (exit status 2)."""
 
-    if args.url:
-        return str(args.url)
-    organism = local_organism()
-    if organism is not None:
-        return default_url(organism.api.host, organism.api.port)
-    return default_url()
+
+def _url(args: argparse.Namespace) -> str:
+    from xml_pipeline.client import default_url, organism_url
+
+    try:
+        if args.url:
+            return organism_url(str(args.url))
+        organism = local_organism()
+        if organism is not None:
+            return default_url(organism.api.host, organism.api.port)
+        return default_url()
+    except ValueError as exc:
+        source = "--url" if args.url else "XML_PIPELINE_URL"
+        raise UsageError(f"{source}: {exc}") from None
 
 
 def inject_command(args: argparse.Namespace) -> int:
@@ -86,30 +95,69 @@ def inject_command(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Seconds between attempts to reach an organism that went away, doubling up to the maximum.
+RECONNECT_FIRST = 0.25
+RECONNECT_MAX = 5.0
+
+
+def _show(item: dict[str, Any], json_lines: bool, out: TextIO, style: Style) -> None:
+    if json_lines:
+        out.write(json.dumps(item) + "\n")
+    else:
+        data = {k: v for k, v in item["data"].items() if k != "at"}
+        text = " ".join(f"{k}={str(v)[:80]}" for k, v in data.items()
+                        if v not in (None, "", []) and k not in
+                        ("envelope", "source", "listeners"))
+        out.write(f"{style('#' + str(item['position']), '2')} {item['at']} "
+                  f"{style(item['type'], '36')} {text}\n")
+    out.flush()
+
+
 def tail_command(args: argparse.Namespace) -> int:
+    """Follow a running organism's events. When it goes away (stopped, restarted, network)
+    this says so on standard error and reconnects from the last position it printed, until
+    interrupted; with ``--no-follow`` it exits with status 1 instead."""
     from xml_pipeline.client import Client, ClientError
 
-    out = sys.stdout
-    style = Style(out)
-    try:
-        with Client(_url(args)) as client:
-            # Over the API, tail always follows; --after N replays from position N first.
-            for item in client.events(after=args.after,
-                                      thread=args.thread, agent=args.agent, types=args.type):
-                if args.json:
-                    out.write(json.dumps(item) + "\n")
-                else:
-                    data = {k: v for k, v in item["data"].items() if k != "at"}
-                    text = " ".join(f"{k}={str(v)[:80]}" for k, v in data.items()
-                                    if v not in (None, "", []) and k not in
-                                    ("envelope", "source", "listeners"))
-                    out.write(f"{style('#' + str(item['position']), '2')} {item['at']} "
-                              f"{style(item['type'], '36')} {text}\n")
-                out.flush()
-    except ClientError as exc:
-        print(exc.message, file=sys.stderr)
-        return 1
-    return 0
+    out, style = sys.stdout, Style(sys.stdout)
+    url = _url(args)
+    after: int | None = args.after
+    delay, lost = RECONNECT_FIRST, False
+
+    def opened() -> None:
+        nonlocal delay, lost
+        if lost:
+            print(f"Reconnected to {url}; resuming after #{after}.", file=sys.stderr,
+                  flush=True)
+        delay, lost = RECONNECT_FIRST, False
+
+    with Client(url) as client:
+        while True:
+            try:
+                if after is None:  # only new events, or the last -n of them
+                    after = max(0, int(client.get("/organism")["position"]) - (args.lines or 0))
+                for item in client.events(after=after, thread=args.thread, agent=args.agent,
+                                          types=args.type, on_open=opened):
+                    if "position" not in item:  # a lagging notice: resume where it says
+                        after = int(item["after"])
+                        raise ClientError(0, "lagging", str(item.get("message")))
+                    after = int(item["position"])
+                    _show(item, args.json, out, style)
+                reason = f"The organism at {url} ended the stream (it stopped)"
+            except ClientError as exc:
+                if 0 < exc.status < 500:  # refused: trying again gives the same answer
+                    print(exc.message, file=sys.stderr)
+                    return 1
+                reason = exc.message.rstrip(".")
+            if args.no_follow:
+                print(f"{reason}; not reconnecting (--no-follow).", file=sys.stderr)
+                return 1
+            if not lost:
+                print(f"{reason}; reconnecting to resume after #{after} (Ctrl-C to stop).",
+                      file=sys.stderr, flush=True)
+                lost = True
+            time.sleep(delay)
+            delay = min(delay * 2, RECONNECT_MAX)
 
 
 def remote_command(args: argparse.Namespace) -> int:

@@ -164,3 +164,15 @@ async def test_tail_url_no_follow_exits_1_when_the_organism_stops(tmp_path: Path
     _, err = await tail.communicate()
     assert tail.returncode == 1
     assert err.decode().endswith("; not reconnecting (--no-follow).\n")
+
+
+@pytest.mark.parametrize(("argv", "complaint"), [
+    (["inject", "--to", "greeter", " "], "xml-pipeline inject: the payload is empty: give XML "
+                                         "text, @FILE, or - to read standard input.\n"),
+    (["inject", "--to", "greeter", "--idempotency-key", "", "<Greeting/>"],
+     "xml-pipeline inject: --idempotency-key must not be empty (leave it out for none).\n"),
+])
+def test_inject_refuses_what_the_api_would_call_an_invalid_json_body(
+        argv: list[str], complaint: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, *argv, "--url", "http://127.0.0.1:9")
+    assert (code, err) == (2, complaint)

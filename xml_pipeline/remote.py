@@ -78,6 +78,11 @@ def inject_command(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"Cannot read the payload: {exc}.", file=sys.stderr)
         return 2
+    if not payload.strip():
+        raise UsageError("the payload is empty: give XML text, @FILE, or - to read standard "
+                         "input.")
+    if args.idempotency_key is not None and not args.idempotency_key:
+        raise UsageError("--idempotency-key must not be empty (leave it out for none).")
     try:
         with Client(_url(args)) as client:
             answer = client.inject(to=args.to, payload=payload, thread_id=args.thread,

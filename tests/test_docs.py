@@ -28,6 +28,7 @@ from xml_pipeline.events import CATALOGUE
 from xml_pipeline.organism import load_organism
 
 API_MD = ROOT / "docs" / "api.md"
+AGENTSERVER_MD = ROOT / "docs" / "agentserver.md"
 README = ROOT / "README.md"
 
 
@@ -66,6 +67,20 @@ def first_cells(text: str) -> list[str]:
 def table_rows(text: str) -> list[list[str]]:
     return [[cell.strip() for cell in line.split("|")[1:-1]] for line in text.splitlines()
             if line.startswith("|") and not set(line) <= set("|- ")]
+
+
+def tables(text: str) -> list[list[list[str]]]:
+    """Every Markdown table in ``text``: its header row, then its body rows."""
+    found: list[list[list[str]]] = []
+    previous = ""
+    for line in text.splitlines():
+        if line.startswith("|"):
+            if not previous.startswith("|"):
+                found.append([])
+            if not set(line) <= set("|- "):
+                found[-1].append([cell.strip() for cell in line.split("|")[1:-1]])
+        previous = line
+    return found
 
 
 def sh_block(text: str) -> list[str]:
@@ -187,9 +202,17 @@ def routes(items: list[BaseRoute], prefix: str = "") -> set[str]:
     return found
 
 
-def test_every_route_is_in_the_endpoint_table(tmp_path: Path) -> None:
+ROUTE = re.compile(r"`(GET|POST|PUT|PATCH|DELETE|WS) (/\S*)`")
+
+
+def served(tmp_path: Path) -> set[str]:
+    """``METHOD /path`` of every route the application serves."""
     app = create_app(load_organism(ROOT / "organism.yaml"), data=tmp_path / "events")
-    actual = routes(list(app.routes))
+    return routes(list(app.routes))
+
+
+def test_every_route_is_in_the_endpoint_table(tmp_path: Path) -> None:
+    actual = served(tmp_path)
     listed = [cell.strip("`") for cell in first_cells(section(API_MD, "## Endpoints"))
               if re.fullmatch(r"`(GET|POST|PUT|PATCH|DELETE|WS) /\S*`", cell)]
     assert len(listed) == len(set(listed)), "docs/api.md's endpoint table lists a route twice."
@@ -198,3 +221,24 @@ def test_every_route_is_in_the_endpoint_table(tmp_path: Path) -> None:
     assert (missing, stale) == ([], []), (
         f"docs/api.md's endpoint table (## Endpoints) lacks {missing} and lists {stale}, which "
         f"the application does not serve: document the new routes there.")
+
+
+def test_the_agentserver_guide_maps_every_route(tmp_path: Path) -> None:
+    """docs/agentserver.md's route tables (``| AgentServer | here | what differs |``) name, in
+    their "here" column, each served route once, relative to /api/v1 as in docs/api.md."""
+    listed: list[str] = []
+    for table in tables(AGENTSERVER_MD.read_text()):
+        if table and table[0] == ["AgentServer", "here", "what differs"]:
+            for row in table[1:]:
+                for method, path in ROUTE.findall(row[1]):
+                    full = path if path.startswith(("/health", "/metrics")) else "/api/v1" + path
+                    listed.append(f"{method} {full}")
+    assert len(listed) == len(set(listed)), "docs/agentserver.md maps a route twice."
+    actual = served(tmp_path)
+    missing = sorted(actual - set(listed))
+    stale = sorted(set(listed) - actual)
+    assert "docs/agentserver.md" in section(README, "## Documentation")
+    assert "[docs/agentserver.md](agentserver.md)" in API_MD.read_text()
+    assert (missing, stale) == ([], []), (
+        f"docs/agentserver.md's route tables lack {missing} and name {stale}, which the "
+        f"application does not serve: say what each route is in AgentServer's terms.")

@@ -1,4 +1,5 @@
-"""The tool of the two-agent example: a word counter the researcher can call."""
+"""The tool of the two-agent example: the word counter ("counter") the editor calls to check
+the length of the writer's draft."""
 
 from __future__ import annotations
 

@@ -36,12 +36,20 @@ from xml_pipeline.envelope import format_timestamp
 from xml_pipeline.events import CATALOGUE, Event, Recorded
 from xml_pipeline.pump import Pump
 
-__all__ = ["KEEPALIVE_INTERVAL", "MAX_LAG", "Subscription", "close_streams", "routes"]
+__all__ = ["KEEPALIVE_INTERVAL", "LAGGING_CLOSE_CODE", "MAX_LAG", "SHUTDOWN_CLOSE_CODE",
+           "Subscription", "close_streams", "routes"]
 
 #: Seconds of silence after which an SSE stream sends a ``: keepalive`` comment.
 KEEPALIVE_INTERVAL = 15.0
 #: How many records a stream may fall behind the closest it has been to the log's end.
 MAX_LAG = 100_000
+#: The WebSocket close code after a lagging notice ("try again later").
+LAGGING_CLOSE_CODE = 1013
+#: The WebSocket close code when the server shuts down or the log closes ("service restart").
+#: uvicorn closes every open WebSocket with 1012 as its shutdown begins, before the
+#: application hears of it; the application's own closes use the same code, so a client sees
+#: one code whichever comes first.
+SHUTDOWN_CLOSE_CODE = 1012
 
 _LAGGING = "lagging"
 _AGENT_FIELDS = ("listener", "agent", "sender", "to")
@@ -315,11 +323,11 @@ async def _forward(websocket: WebSocket, lock: asyncio.Lock, pump: Pump,
         async for item in items:
             if item.kind == _LAGGING:
                 await _send(websocket, lock, b'{"lagging":%s}' % item.data)
-                await _close(websocket, lock, 1013, "lagging")
+                await _close(websocket, lock, LAGGING_CLOSE_CODE, "lagging")
                 return
             if not await _send(websocket, lock, item.data):
                 return
-    await _close(websocket, lock, 1001, "the event log closed")
+    await _close(websocket, lock, SHUTDOWN_CLOSE_CODE, "the event log closed")
 
 
 def _ws_subscription(pump: Pump, message: Message) -> Subscription:
@@ -350,7 +358,7 @@ async def websocket_events(websocket: WebSocket) -> None:
 
     async def close_when_asked() -> None:
         await _closing(websocket.app).wait()
-        await _close(websocket, lock, 1001, "the server is shutting down")
+        await _close(websocket, lock, SHUTDOWN_CLOSE_CODE, "the server is shutting down")
 
     async with asyncio.TaskGroup() as group:
         watcher = group.create_task(close_when_asked())

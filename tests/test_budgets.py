@@ -241,3 +241,31 @@ async def test_agent_and_organism_gauges_are_raised_by_their_own_routes_and_the_
         ]:
             code, _, err = await asyncio.to_thread(run, *argv)
             assert (code, err) == (2 if "nobody" not in message else 1, message + "\n"), argv
+
+
+async def test_a_held_thread_is_still_held_after_a_restart_and_a_raise_then_frees_it(
+        stub: Stub, tmp_path: Path) -> None:
+    stub.script(Answer("<done/>", 100, 3))
+    organism = make(tmp_path, budget="thread_tokens: 300")
+    data = tmp_path / "events"
+    async with running_server(organism, data) as (base, _):
+        async with httpx.AsyncClient(base_url=base + "/api/v1") as http:
+            thread = await _paused_thread(http)
+            before = (await http.get(f"/usage/threads/{thread}")).json()["stopped_by"]
+            raised = await http.post(f"/usage/threads/{thread}/budget",
+                                     json={"max_tokens": 900, "agent": "planner"})
+            assert raised.json()["still_held_by"]["limit"] == 900  # still short
+    async with running_server(organism, data) as (base, _):
+        async with httpx.AsyncClient(base_url=base + "/api/v1") as http:
+            await http.get("/organism/state")
+            view = (await http.get(f"/usage/threads/{thread}")).json()
+            assert view["status"] == "paused"
+            assert {k: view["stopped_by"][k] for k in ("scope", "agent", "requested")} == {
+                k: before[k] for k in ("scope", "agent", "requested")}
+            assert view["stopped_by"]["limit"] == 900
+            raised = await http.post(f"/usage/threads/{thread}/budget",
+                                     json={"max_tokens": 5000, "agent": "planner"})
+            assert (raised.json()["still_held_by"], raised.json()["resumed"]) == (None, [thread])
+            await http.get("/organism/state")
+            assert (await http.get(f"/threads/{thread}")).json()["status"] == "completed"
+    assert len(stub.requests) == 1

@@ -228,19 +228,36 @@ async def test_agent_and_organism_gauges_are_raised_by_their_own_routes_and_the_
                 bad = await http.post(route, json={"max_tokens": -1})
                 assert (bad.status_code, bad.json()["error"]["code"]) == (400, "invalid_request")
 
-        # The CLI refuses what it cannot mean, in its own words.
-        for argv, message in [
-            (["budget", "--max-tokens", "5"],
-             "Say which budget to set: a THREAD, --agent NAME, or --organism."),
-            (["budget", thread, "--organism", "--max-tokens", "5"],
-             "--organism sets the organism's budget; it takes no THREAD and no --agent."),
-            (["budget", thread, "--max-tokens", "0"],
-             "--max-tokens must be a whole number from 1 to 10^12, not 0."),
-            (["budget", "--agent", "nobody", "--max-tokens", "5"],
-             "There is no agent 'nobody'; 'xml-pipeline usage' lists the agents."),
-        ]:
-            code, _, err = await asyncio.to_thread(run, *argv)
-            assert (code, err) == (2 if "nobody" not in message else 1, message + "\n"), argv
+        # The organism answers for what only it knows.
+        code, _, err = await asyncio.to_thread(run, "budget", "--agent", "nobody",
+                                               "--max-tokens", "5")
+        assert (code, err) == (
+            1, "There is no agent 'nobody'; 'xml-pipeline usage' lists the agents.\n")
+
+
+@pytest.mark.parametrize(("argv", "complaint"), [
+    (["--max-tokens", "5"], "Say which budget to set: a THREAD, --agent NAME, or --organism."),
+    (["t1", "--organism", "--max-tokens", "5"],
+     "--organism sets the organism's budget; it takes no THREAD and no --agent."),
+    (["t1", "--agent", "", "--max-tokens", "5"], "--agent must name an agent, not be empty."),
+    (["", "--max-tokens", "5"], "THREAD must name a thread, not be empty."),
+    (["t1", "--max-tokens", "0"], "--max-tokens must be a whole number from 1 to 10^12, not 0."),
+    (["t1", "--max-tokens", "-5"],
+     "--max-tokens must be a whole number from 1 to 10^12, not '-5'."),
+    (["--organism", "--max-tokens", "abc"],
+     "--max-tokens must be a whole number from 1 to 10^12, not 'abc'."),
+    (["--agent", "planner", "--max-tokens", "1.5"],
+     "--max-tokens must be a whole number from 1 to 10^12, not '1.5'."),
+    (["t1", "--max-tokens", "1_000"],
+     "--max-tokens must be a whole number from 1 to 10^12, not '1_000'."),
+    (["t1", "--max-tokens", "1000000000001"],
+     "--max-tokens must be a whole number from 1 to 10^12, not 1000000000001."),
+])
+def test_the_budget_command_refuses_what_it_cannot_mean_before_any_request(
+        argv: list[str], complaint: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # Nothing listens on port 9: a request would fail with exit 1, not 2.
+    code = main(["budget", *argv, "--url", "http://127.0.0.1:9"])
+    assert (code, capsys.readouterr().err) == (2, f"xml-pipeline budget: {complaint}\n")
 
 
 async def test_a_held_thread_is_still_held_after_a_restart_and_a_raise_then_frees_it(

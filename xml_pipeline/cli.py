@@ -389,7 +389,8 @@ def _parser() -> argparse.ArgumentParser:
     budget.add_argument("thread", nargs="?", help="the thread id")
     budget.add_argument("--agent", help="the agent (in THREAD, or across all threads)")
     budget.add_argument("--organism", action="store_true", help="the organism's budget")
-    budget.add_argument("--max-tokens", type=int, required=True, help="the new limit")
+    budget.add_argument("--max-tokens", required=True, metavar="N",
+                        help="the new limit, a whole number from 1 to 10^12")
     budget.add_argument("--url", help=url_help)
     budget.add_argument("--json", action="store_true", help="machine-readable output")
     budget.set_defaults(run=budget_command)

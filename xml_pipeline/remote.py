@@ -186,6 +186,25 @@ def _held_text(hold: dict[str, Any]) -> str:
             f"allows {hold['limit']} ({hold['used']} used, {hold['reserved']} reserved)")
 
 
+def _budget_usage(args: argparse.Namespace) -> str | None:
+    """What makes a ``budget`` command line unable to work, in the CLI's words (checked
+    before any request), or None."""
+    if args.organism and (args.thread is not None or args.agent is not None):
+        return "--organism sets the organism's budget; it takes no THREAD and no --agent."
+    if args.thread is None and args.agent is None and not args.organism:
+        return "Say which budget to set: a THREAD, --agent NAME, or --organism."
+    if args.thread == "":
+        return "THREAD must name a thread, not be empty."
+    if args.agent == "":
+        return "--agent must name an agent, not be empty."
+    text = args.max_tokens
+    digits = text.isascii() and text.isdigit()  # int() would also take "+5", " 5", "1_000"
+    if digits and 1 <= int(text) <= _MAX_TOKENS:
+        return None
+    return (f"--max-tokens must be a whole number from 1 to 10^12, not "
+            f"{int(text) if digits else repr(text)}.")
+
+
 def budget_command(args: argparse.Namespace) -> int:
     """Set a budget: a thread's (THREAD), an agent's in a thread (THREAD --agent NAME), an
     agent's across all threads (--agent NAME), or the organism's (--organism). Says which
@@ -194,19 +213,12 @@ def budget_command(args: argparse.Namespace) -> int:
 
     from xml_pipeline.client import Client, ClientError
 
-    if args.organism and (args.thread or args.agent):
-        print("--organism sets the organism's budget; it takes no THREAD and no --agent.",
-              file=sys.stderr)
+    problem = _budget_usage(args)
+    if problem:
+        print(f"xml-pipeline budget: {problem}", file=sys.stderr)
         return 2
-    if not (args.thread or args.agent or args.organism):
-        print("Say which budget to set: a THREAD, --agent NAME, or --organism.",
-              file=sys.stderr)
-        return 2
-    if not 1 <= args.max_tokens <= _MAX_TOKENS:
-        print(f"--max-tokens must be a whole number from 1 to 10^12, not {args.max_tokens}.",
-              file=sys.stderr)
-        return 2
-    body: dict[str, Any] = {"max_tokens": args.max_tokens}
+    max_tokens = int(args.max_tokens)
+    body: dict[str, Any] = {"max_tokens": max_tokens}
     if args.thread:
         path = f"/usage/threads/{quote(args.thread, safe='')}/budget"
         if args.agent:
@@ -245,7 +257,7 @@ def budget_command(args: argparse.Namespace) -> int:
         used = result["budget"]["total_tokens"]
         what = f"agent {args.agent}" if args.agent else f"organism {result['organism']}"
         holds = result["still_held"]
-    print(f"{what}: {_bar(used, args.max_tokens)}")
+    print(f"{what}: {_bar(used, max_tokens)}")
     for thread_id in result["resumed"]:
         print(f"thread {thread_id} goes on")
     for hold in holds:

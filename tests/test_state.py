@@ -46,8 +46,9 @@ _BY_NAME: dict[str, st.SearchStrategy[typing.Any]] = {
     "parent_id": st.one_of(st.none(), MESSAGES),
     "thread_id": THREADS,
     "reservation_id": st.sampled_from(["r1", "r2", "r3"]),
-    "key": st.one_of(THREADS, NAMES),
-    "scope": st.sampled_from(["thread", "agent", "organism"]),
+    "key": st.one_of(THREADS, NAMES, st.sampled_from(["t0|a", "t1|b"])),
+    "scope": st.sampled_from(["thread", "thread-agent", "agent", "organism"]),
+    "held": st.lists(st.sampled_from(["t0|a", "t1|b", "t2|a"]), max_size=2).map(tuple),
     "listener": NAMES,
     "agent": NAMES,
     "sender": NAMES,
@@ -195,7 +196,7 @@ def test_only_the_newest_ended_threads_are_kept_and_replay_forgets_the_same() ->
     assert state.threads.accepted == 100
     for cut in (0, 37, 150, len(records)):
         resumed = project(records[cut:], State.decode(project(records[:cut]).encode()))
-        assert resumed.digest() == state.digest()
+        assert resumed == state, cut
 
 
 def test_a_thread_that_goes_on_after_ending_is_not_forgotten_by_its_first_end() -> None:
@@ -244,7 +245,7 @@ def test_the_budgets_of_forgotten_threads_are_forgotten_but_totals_keep_their_to
     assert not state.threads.just_forgotten
     for cut in (0, 100, 333, len(records)):
         resumed = project(records[cut:], State.decode(project(records[:cut]).encode()))
-        assert resumed.digest() == state.digest()
+        assert resumed == state, cut
 
 
 def test_only_the_newest_idempotency_keys_are_remembered() -> None:
@@ -286,3 +287,50 @@ def test_unknown_event_type_fails_loudly() -> None:
         assert "Invented is not in the event catalogue" in str(exc)
     else:
         raise AssertionError("an unknown event type was folded silently")
+
+
+def test_a_call_held_by_a_budget_waits_until_a_raise_frees_it_and_replay_agrees() -> None:
+    from xml_pipeline.events import BudgetExhausted, BudgetRaised
+    from xml_pipeline.state.budgets import blocking, raised, waiting
+
+    loaded = OrganismLoaded(at=0.0, name="o", digest="d", source="",
+                            budgets={"thread_tokens": 10_000},
+                            listeners={"a": {"budget": {"thread_tokens": 300}}})
+    events: list[Event] = [
+        loaded,
+        MessageAccepted(at=1.0, message_id="m1", thread_id="t1", parent_id=None, sender="api",
+                        to="a", payload_type="X", envelope="<x/>"),
+        BudgetExhausted(at=2.0, scope="thread-agent", key="t1|a", thread_id="t1", agent="a",
+                        limit=300, used=0, requested=1200),
+    ]
+    state = project(_records(events))
+    assert state.threads.threads["t1"].status == "paused"
+    (blocker,) = waiting(state.budgets, "t1", organism="o")
+    assert (blocker.scope, blocker.key, blocker.gauge.limit, blocker.needed) == (
+        "thread-agent", "t1|a", 300, 1200)
+    # Raising the thread's budget does not free the call: the decision says it is still held.
+    thread_raise = raised(state.budgets, scope="thread", key="t1", max_tokens=50_000, at=3.0,
+                          by="ops", organism="o")
+    assert thread_raise.held == ("t1|a",)
+    events.append(thread_raise)
+    state = project(_records(events))
+    assert state.threads.threads["t1"].status == "paused"
+    assert state.budgets.threads["t1"].limit == 50_000 and "t1" in state.budgets.holds
+    # Raising the agent's budget in the thread frees it.
+    pair_raise = raised(state.budgets, scope="thread-agent", key="t1|a", max_tokens=2000,
+                        at=4.0, by="ops", organism="o")
+    assert pair_raise.held == ()
+    assert blocking(state.budgets, "t1", "a", 1200, organism="o",
+                    assuming=("thread-agent", "t1|a", 2000)) is None
+    events.append(pair_raise)
+    state = project(_records(events))
+    assert state.threads.threads["t1"].status == "active" and state.budgets.holds == {}
+    # A record from before ``held`` existed frees what it covers, as it did then.
+    legacy = [*events[:3], BudgetRaised(at=3.0, scope="thread", key="t1", max_tokens=9, by="x")]
+    assert project(_records(legacy)).threads.threads["t1"].status == "active"
+    assert project(_records(legacy)).budgets.holds == {}
+    # Snapshot anywhere + the rest equals the whole fold.
+    records = _records(events)
+    for cut in range(len(records) + 1):
+        resumed = project(records[cut:], State.decode(project(records[:cut]).encode()))
+        assert resumed.digest() == state.digest()

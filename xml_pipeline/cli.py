@@ -28,6 +28,7 @@ from xml_pipeline.organism import Organism, load_organism
 from xml_pipeline.remote import (
     Style,
     UsageError,
+    budget_command,
     inject_command,
     local_organism,
     remote_command,
@@ -422,12 +423,20 @@ def _parser() -> argparse.ArgumentParser:
     dead.add_argument("--json", action="store_true", help="machine-readable output")
     dead.set_defaults(run=remote_command)
 
-    budget = commands.add_parser("budget", help="set a thread's token budget (resumes it)")
-    budget.add_argument("thread", help="the thread id")
-    budget.add_argument("--max-tokens", type=int, required=True)
+    budget = commands.add_parser(
+        "budget", help="set a token budget; the threads it held go on",
+        description="Set a token budget: THREAD sets the thread's, THREAD --agent NAME that "
+                    "agent's in the thread, --agent NAME the agent's across all threads, "
+                    "--organism the organism's. Says which threads go on and what still "
+                    "holds the others.")
+    budget.add_argument("thread", nargs="?", help="the thread id")
+    budget.add_argument("--agent", help="the agent (in THREAD, or across all threads)")
+    budget.add_argument("--organism", action="store_true", help="the organism's budget")
+    budget.add_argument("--max-tokens", required=True, metavar="N",
+                        help="the new limit, a whole number from 1 to 10^12")
     budget.add_argument("--url", help=url_help)
     budget.add_argument("--json", action="store_true", help="machine-readable output")
-    budget.set_defaults(run=remote_command)
+    budget.set_defaults(run=budget_command)
 
     usage = commands.add_parser("usage", help="token usage and budgets (gas gauges)")
     usage.add_argument("--threads", type=_whole(1, 1000), default=10,

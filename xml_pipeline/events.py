@@ -248,10 +248,12 @@ class TokensUsed(Event):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BudgetExhausted(Event):
-    """A call was not made because it would exceed the budget of ``scope`` (``key``)."""
+    """A call of ``agent`` in ``thread_id`` was not made because it would exceed the budget
+    of ``scope`` (``key``): ``used`` (used and reserved) plus ``requested`` is over ``limit``.
+    The call waits, and its thread is paused, until a raise lets it go on."""
 
-    scope: str  # "thread" | "agent" | "organism"
-    key: str
+    scope: str  # "thread" | "thread-agent" | "agent" | "organism"
+    key: str  # the thread id, "<thread id>|<agent>", the agent, the organism's name
     thread_id: str
     agent: str
     limit: int
@@ -261,10 +263,17 @@ class BudgetExhausted(Event):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BudgetRaised(Event):
+    """The limit of the ``scope`` budget (``key``, as in ``BudgetExhausted``) is now
+    ``max_tokens``. The waiting calls it covers go on (those of thread ``key`` for a thread
+    or thread-agent budget; every one for an agent or organism budget), except those in
+    ``held``: ``"<thread id>|<agent>"`` of calls that some budget still holds, whose threads
+    stay paused. (Records written before ``held`` existed free every call they cover.)"""
+
     scope: str
     key: str
     max_tokens: int
     by: str
+    held: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -6,8 +6,9 @@ An agent listener (``agent:`` in organism.yaml) runs ``AgentRuntime.handle``:
    description and payload schema), the reply protocol, and the thread's history as this agent
    saw it (the messages it received and its own earlier answers, from the log).
 2. Before a call, its worst case (a prompt estimate plus ``max_tokens``) is checked against the
-   thread, agent and organism budgets; a call that would exceed one is not made:
-   ``BudgetExhausted`` is recorded and the thread waits until the budget is raised. Otherwise
+   thread's budget, the agent's budget in the thread (its ``budget.thread_tokens``), the
+   agent's and the organism's (``state.budgets.blocking``); a call that would exceed one is
+   not made: ``BudgetExhausted`` is recorded and the thread waits until a raise frees it. Otherwise
    ``TokensReserved`` is recorded, the call made, and ``TokensUsed`` (settling the reservation)
    and ``ModelResponded`` (the full answer) recorded together.
 3. The answer's ``<send to="...">payload</send>`` blocks are extracted (prose around them is
@@ -25,7 +26,6 @@ import os
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from lxml import etree
@@ -44,7 +44,7 @@ from xml_pipeline.handlers import SYSTEM_NS, Context
 from xml_pipeline.ids import IdFactory
 from xml_pipeline.ledger import Ledger
 from xml_pipeline.organism import Listener, Organism
-from xml_pipeline.state.budgets import Gauge
+from xml_pipeline.state.budgets import blocking, gauges
 from xml_pipeline.types import Clock
 from xml_pipeline.xmlsafe import parse_xml
 
@@ -102,13 +102,6 @@ def _cost(listener: Listener, usage: Any) -> float:
     cache_write = getattr(usage, "cache_creation_input_tokens", 0) or 0
     return (usage.input_tokens * price_in + usage.output_tokens * price_out
             + cache_read * price_in * 0.1 + cache_write * price_in * 1.25) / 1_000_000
-
-
-@dataclass(frozen=True, slots=True)
-class _Budget:
-    scope: str
-    key: str
-    gauge: Gauge
 
 
 class AgentRuntime:
@@ -197,47 +190,35 @@ class AgentRuntime:
 
     # ------------------------------------------------------------ budgets
 
-    def _budgets(self, listener: Listener, thread_id: str) -> list[_Budget]:
-        """The gauges a call of ``listener`` in ``thread_id`` counts against, as the fold
-        would create them (read only: the state changes only through events)."""
-        budgets = self._ledger.state.budgets
-        defaults = budgets.defaults
-        limits = budgets.listener_limits.get(listener.name, {})
-        thread = budgets.threads.get(thread_id) or Gauge(limit=defaults.get("thread_tokens"))
-        agent_limit = limits.get("agent_tokens")
-        agent = budgets.agents.get(listener.name) or Gauge(
-            limit=agent_limit if agent_limit is not None else defaults.get("agent_tokens"))
-        pair = budgets.thread_agents.get(f"{thread_id}|{listener.name}") or Gauge(
-            limit=limits.get("thread_tokens"))
-        return [_Budget("thread", thread_id, thread), _Budget("agent", listener.name, agent),
-                _Budget("organism", self._organism().name, budgets.organism),
-                _Budget("thread-agent", f"{thread_id}|{listener.name}", pair)]
-
     async def _check(self, listener: Listener, thread_id: str, requested: int) -> None:
-        for budget in self._budgets(listener, thread_id):
-            gauge = budget.gauge
-            if gauge.limit is not None and gauge.used + gauge.reserved + requested > gauge.limit:
-                await self._ledger.commit([BudgetExhausted(
-                    at=self._clock(), scope=budget.scope, key=budget.key, thread_id=thread_id,
-                    agent=listener.name, limit=gauge.limit, used=gauge.used + gauge.reserved,
-                    requested=requested)])
-                raise BudgetExhaustedError(
-                    f"The {budget.scope} budget of {budget.key} would be exceeded: "
-                    f"{gauge.used + gauge.reserved} of {gauge.limit} tokens used, this call "
-                    f"needs up to {requested}. Raise it to continue.",
-                    scope=budget.scope, key=budget.key)
+        budgets = self._ledger.state.budgets
+        blocker = blocking(budgets, thread_id, listener.name, requested,
+                           organism=self._organism().name)
+        if blocker is None:
+            return
+        gauge = blocker.gauge
+        assert gauge.limit is not None  # only a gauge with a limit refuses
+        await self._ledger.commit([BudgetExhausted(
+            at=self._clock(), scope=blocker.scope, key=blocker.key, thread_id=thread_id,
+            agent=listener.name, limit=gauge.limit, used=gauge.used + gauge.reserved,
+            requested=requested)])
+        raise BudgetExhaustedError(
+            f"The {blocker.scope} budget of {blocker.key} would be exceeded: "
+            f"{gauge.used + gauge.reserved} of {gauge.limit} tokens used, this call "
+            f"needs up to {requested}. Raise it to continue.",
+            scope=blocker.scope, key=blocker.key)
 
     def _warnings(self, listener: Listener, thread_id: str) -> list[Event]:
         events: list[Event] = []
         warned = self._ledger.state.budgets.warnings
-        for budget in self._budgets(listener, thread_id):
-            gauge = budget.gauge
+        for scope, key, gauge in gauges(self._ledger.state.budgets, thread_id, listener.name,
+                                        organism=self._organism().name):
             if not gauge.limit:
                 continue
             percent = 100 * gauge.used / gauge.limit
             level = max((lv for lv in WARNING_LEVELS if percent >= lv), default=0)
-            if level > warned.get(f"{budget.scope}:{budget.key}", 0):
-                events.append(BudgetWarned(at=self._clock(), scope=budget.scope, key=budget.key,
+            if level > warned.get(f"{scope}:{key}", 0):
+                events.append(BudgetWarned(at=self._clock(), scope=scope, key=key,
                                            percent=level, used=gauge.used, limit=gauge.limit))
         return events
 

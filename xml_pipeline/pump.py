@@ -70,6 +70,7 @@ from xml_pipeline.mailbox import Delivery, Mailbox
 from xml_pipeline.organism import Listener, Organism
 from xml_pipeline.router import Accepted, Router
 from xml_pipeline.state import State, latest_snapshot, replay, write_snapshot
+from xml_pipeline.state.budgets import raised as budget_raised
 from xml_pipeline.state.threads import FINAL
 from xml_pipeline.types import Clock, system_clock
 
@@ -220,10 +221,14 @@ class Pump:
             attempts=info.attempts), reserved=False)
         return True
 
-    async def raise_budget(self, scope: str, key: str, max_tokens: int, *, by: str) -> None:
-        """Set a budget's limit (``BudgetRaised``); threads it paused go on at once."""
-        await self._commit([BudgetRaised(at=self._clock(), scope=scope, key=key,
-                                         max_tokens=max_tokens, by=by)])
+    async def raise_budget(self, scope: str, key: str, max_tokens: int, *, by: str
+                           ) -> BudgetRaised:
+        """Set a budget's limit (``BudgetRaised``); the waiting calls it frees go on at once,
+        those another budget still holds (its ``held``) stay parked. Returns the event."""
+        event = budget_raised(self.state.budgets, scope=scope, key=key, max_tokens=max_tokens,
+                              at=self._clock(), by=by, organism=self.organism.name)
+        await self._commit([event])
+        return event
 
     def _on_event(self, position: int, event: Event) -> None:
         if position >= self._snapshot_due:
@@ -233,7 +238,13 @@ class Pump:
             threads = ([event.key.partition("|")[0]] if event.scope in ("thread", "thread-agent")
                        else list(parked))
             for thread_id in threads:
-                for name, delivery in parked.pop(thread_id, []):
+                waiting = parked.pop(thread_id, [])
+                still = [(n, d) for n, d in waiting if f"{thread_id}|{n}" in event.held]
+                if still:
+                    parked[thread_id] = still
+                for name, delivery in waiting:
+                    if f"{thread_id}|{name}" in event.held:
+                        continue
                     mailbox = self._mailboxes.get(name)
                     if mailbox is not None:
                         delivery.attempts -= 1  # the refused call was not an attempt

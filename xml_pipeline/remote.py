@@ -17,8 +17,8 @@ from typing import Any, TextIO
 from xml_pipeline.errors import OrganismError
 from xml_pipeline.organism import Organism, load_organism
 
-__all__ = ["RECONNECT_FIRST", "RECONNECT_MAX", "Style", "UsageError", "inject_command",
-           "local_organism", "remote_command", "tail_command", "usage_command"]
+__all__ = ["RECONNECT_FIRST", "RECONNECT_MAX", "Style", "UsageError", "budget_command",
+           "inject_command", "local_organism", "remote_command", "tail_command", "usage_command"]
 
 DEFAULT_ORGANISM = "organism.yaml"
 
@@ -173,9 +173,6 @@ def remote_command(args: argparse.Namespace) -> int:
         with Client(_url(args)) as client:
             if args.command == "reload":
                 result = client.post("/organism/reload")
-            elif args.command == "budget":
-                result = client.post(f"/usage/threads/{args.thread}/budget",
-                                     {"max_tokens": args.max_tokens})
             elif args.command == "threads":
                 result = client.get("/threads", status=args.status, agent=args.agent,
                                     limit=args.limit)
@@ -194,9 +191,6 @@ def remote_command(args: argparse.Namespace) -> int:
         none = "none"
         print(f"reloaded: added {result['added'] or none}, removed {result['removed'] or none}"
               f", updated {result['updated'] or none}")
-    elif args.command == "budget":
-        print(f"thread {result['thread_id']}: "
-              f"{_bar(result['total_tokens'], result['max_tokens'])}")
     elif args.command == "threads":
         print(f"{result['count']} of {result['total']} threads")
         for t in result["threads"]:
@@ -218,6 +212,112 @@ def _bar(used: int, limit: int | None, width: int = 24) -> str:
     return f"[{'#' * filled}{'-' * (width - filled)}] {used}/{limit} {percent:5.1f}%"
 
 
+_MAX_TOKENS = 10**12
+
+
+def _whose(hold: dict[str, Any]) -> str:
+    """The budget that holds a waiting call, in the CLI's words."""
+    agent = hold["agent"]
+    return {"thread": "the thread's budget",
+            "thread-agent": f"{agent}'s budget in this thread",
+            "agent": f"agent {agent}'s budget",
+            "organism": "the organism's budget"}.get(hold["scope"], f"the {hold['scope']} budget")
+
+
+def _raise_with(hold: dict[str, Any]) -> str:
+    """The command that frees a waiting call."""
+    scope, needed = hold["scope"], hold["needed"]
+    target = {"thread": hold["thread_id"],
+              "thread-agent": f"{hold['thread_id']} --agent {hold['agent']}",
+              "agent": f"--agent {hold['agent']}",
+              "organism": "--organism"}.get(scope, hold["thread_id"])
+    return f"xml-pipeline budget {target} --max-tokens {needed}"
+
+
+def _held_text(hold: dict[str, Any]) -> str:
+    return (f"{hold['agent']}'s call needs up to {hold['requested']} tokens; {_whose(hold)} "
+            f"allows {hold['limit']} ({hold['used']} used, {hold['reserved']} reserved)")
+
+
+def _budget_usage(args: argparse.Namespace) -> str | None:
+    """What makes a ``budget`` command line unable to work, in the CLI's words (checked
+    before any request), or None."""
+    if args.organism and (args.thread is not None or args.agent is not None):
+        return "--organism sets the organism's budget; it takes no THREAD and no --agent."
+    if args.thread is None and args.agent is None and not args.organism:
+        return "Say which budget to set: a THREAD, --agent NAME, or --organism."
+    if args.thread == "":
+        return "THREAD must name a thread, not be empty."
+    if args.agent == "":
+        return "--agent must name an agent, not be empty."
+    text = args.max_tokens
+    digits = text.isascii() and text.isdigit()  # int() would also take "+5", " 5", "1_000"
+    if digits and 1 <= int(text) <= _MAX_TOKENS:
+        return None
+    return (f"--max-tokens must be a whole number from 1 to 10^12, not "
+            f"{int(text) if digits else repr(text)}.")
+
+
+def budget_command(args: argparse.Namespace) -> int:
+    """Set a budget: a thread's (THREAD), an agent's in a thread (THREAD --agent NAME), an
+    agent's across all threads (--agent NAME), or the organism's (--organism). Says which
+    threads go on, and what still holds those that do not."""
+    from urllib.parse import quote
+
+    from xml_pipeline.client import Client, ClientError
+
+    problem = _budget_usage(args)
+    if problem:
+        raise UsageError(problem)
+    max_tokens = int(args.max_tokens)
+    body: dict[str, Any] = {"max_tokens": max_tokens}
+    if args.thread:
+        path = f"/usage/threads/{quote(args.thread, safe='')}/budget"
+        if args.agent:
+            body["agent"] = args.agent
+    elif args.agent:
+        path = f"/usage/agents/{quote(args.agent, safe='')}/budget"
+    else:
+        path = "/usage/organism/budget"
+    try:
+        with Client(_url(args)) as client:
+            result = client.post(path, body)
+    except ClientError as exc:
+        message = exc.message
+        if exc.status == 404 and args.agent and exc.message.startswith("There is no"):
+            message = (f"There is no agent {args.agent!r}; 'xml-pipeline usage' lists the "
+                       "agents.")
+        elif exc.status == 404 and args.thread:
+            message = (f"There is no thread {args.thread!r}; 'xml-pipeline threads' lists "
+                       "them.")
+        if args.json:
+            print(json.dumps({"error": {"code": exc.code, "message": message}}))
+        else:
+            print(message, file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    if args.thread:
+        used = result["total_tokens"]
+        if args.agent:
+            used = next((g["used"] for g in result["gauges"] if g["scope"] == "thread-agent"
+                         and g["agent"] == args.agent), 0)
+        what = f"{args.agent} in thread {args.thread}" if args.agent else f"thread {args.thread}"
+        holds = [result["still_held_by"]] if result["still_held_by"] else []
+    else:
+        used = result["budget"]["total_tokens"]
+        what = f"agent {args.agent}" if args.agent else f"organism {result['organism']}"
+        holds = result["still_held"]
+    print(f"{what}: {_bar(used, max_tokens)}")
+    for thread_id in result["resumed"]:
+        print(f"thread {thread_id} goes on")
+    for hold in holds:
+        print(f"thread {hold['thread_id']} is still paused: {_held_text(hold)}. Raise it "
+              f"with: {_raise_with(hold)}")
+    return 0
+
+
 def usage_command(args: argparse.Namespace) -> int:
     """Gas gauges: organism totals, each agent's budget, the hottest threads."""
     from xml_pipeline.client import Client, ClientError
@@ -229,11 +329,14 @@ def usage_command(args: argparse.Namespace) -> int:
             per_agent = {a["name"]: client.get(f"/usage/agents/{a['name']}") for a in agents
                          if a["kind"] == "agent"}
             threads = client.get("/usage/threads", limit=args.threads)
+            paused = [client.get(f"/usage/threads/{t['thread_id']}") for t in
+                      client.get("/threads", status="paused", limit=args.threads)["threads"]]
     except ClientError as exc:
         print(exc.message, file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps({"usage": usage, "agents": per_agent, "threads": threads}))
+        print(json.dumps({"usage": usage, "agents": per_agent, "threads": threads,
+                          "paused": paused}))
         return 0
     totals = usage["totals"]
     print(f"usage since {usage.get('since') or 'the start'}: {totals['prompt_tokens']} in, "
@@ -252,6 +355,13 @@ def usage_command(args: argparse.Namespace) -> int:
         for t in threads["threads"]:
             flag = "  EXHAUSTED" if t["is_exhausted"] else ""
             print(f"  {t['thread_id']} {_bar(t['total_tokens'], t['max_tokens'])}{flag}")
+    if paused:
+        print("paused threads (what holds each; raise it with 'xml-pipeline budget'):")
+        for t in paused:
+            holds = t["waiting"] or [None]
+            for hold in holds:
+                print(f"  {t['thread_id']} paused: {_held_text(hold)}" if hold else
+                      f"  {t['thread_id']} paused")
     return 0
 
 

@@ -43,6 +43,18 @@ parameters:
      description: "who acts, as recorded in the log (letters, digits, - and _; at most 64);
        'api' otherwise"}
 
+requestBodies:
+  MaxTokens:
+    required: true
+    content:
+      application/json:
+        schema:
+          type: object
+          required: [max_tokens]
+          additionalProperties: false
+          properties:
+            max_tokens: {type: integer, minimum: 1, maximum: 1000000000000}
+
 headers:
   WWW-Authenticate:
     schema: {type: string}
@@ -271,7 +283,7 @@ schemas:
   ThreadBudget:
     type: object
     required: [thread_id, max_tokens, prompt_tokens, completion_tokens, total_tokens,
-               remaining, percent_used, is_exhausted]
+               remaining, percent_used, is_exhausted, status, gauges, stopped_by, waiting]
     properties:
       thread_id: {type: string}
       max_tokens: {type: integer, nullable: true}
@@ -287,6 +299,84 @@ schemas:
         nullable: true
         enum: [75, 90, 95, null]
         description: the highest warning level crossed (percent), or null
+      status: {type: string, nullable: true, enum: [active, completed, failed, killed, paused,
+                                                     null]}
+      gauges:
+        description: every budget the thread's calls count against, in the order checked
+        type: array
+        items: {$ref: '#/components/schemas/BudgetGauge'}
+      stopped_by:
+        description: the gauge that holds the thread's waiting call, or null
+        allOf: [{$ref: '#/components/schemas/BudgetHold'}]
+        nullable: true
+      waiting: {type: array, items: {$ref: '#/components/schemas/BudgetHold'}}
+  BudgetGauge:
+    type: object
+    required: [scope, key, agent, limit, used, reserved, remaining, percent_used, is_exhausted,
+               holding]
+    properties:
+      scope: {type: string, enum: [thread, thread-agent, agent, organism]}
+      key: {type: string}
+      agent: {type: string, nullable: true}
+      limit: {type: integer, nullable: true}
+      used: {type: integer, minimum: 0}
+      reserved: {type: integer, minimum: 0}
+      remaining: {type: integer, nullable: true, minimum: 0}
+      percent_used: {type: number, minimum: 0}
+      is_exhausted: {type: boolean}
+      holding: {type: boolean, description: "this gauge holds a waiting call"}
+  BudgetHold:
+    type: object
+    required: [thread_id, scope, key, agent, limit, used, reserved, requested, needed, message]
+    properties:
+      thread_id: {type: string}
+      scope: {type: string, enum: [thread, thread-agent, agent, organism]}
+      key: {type: string}
+      agent: {type: string, description: the agent whose call waits}
+      limit: {type: integer, nullable: true}
+      used: {type: integer, minimum: 0}
+      reserved: {type: integer, minimum: 0}
+      requested: {type: integer, minimum: 0, description: "tokens the waiting call needs"}
+      needed: {type: integer, minimum: 0, description: "the smallest limit that frees it"}
+      message: {type: string}
+  ThreadBudgetSet:
+    allOf:
+      - $ref: '#/components/schemas/ThreadBudget'
+      - type: object
+        required: [still_held_by, resumed]
+        properties:
+          resumed: {type: array, items: {type: string}, description: "[thread_id] if it goes on"}
+          still_held_by:
+            allOf: [{$ref: '#/components/schemas/BudgetHold'}]
+            nullable: true
+  BudgetSummary:
+    type: object
+    required: [max_tokens, total_tokens, remaining, percent_used, is_exhausted]
+    properties:
+      max_tokens: {type: integer, nullable: true}
+      total_tokens: {type: integer, minimum: 0}
+      reserved_tokens: {type: integer, minimum: 0}
+      remaining: {type: integer, nullable: true, minimum: 0}
+      percent_used: {type: number, minimum: 0}
+      is_exhausted: {type: boolean}
+  BudgetReleased:
+    type: object
+    required: [resumed, still_held]
+    properties:
+      resumed: {type: array, items: {type: string}, description: "threads that go on"}
+      still_held: {type: array, items: {$ref: '#/components/schemas/BudgetHold'}}
+  AgentBudgetSet:
+    allOf:
+      - $ref: '#/components/schemas/AgentUsage'
+      - $ref: '#/components/schemas/BudgetReleased'
+  OrganismBudgetSet:
+    allOf:
+      - $ref: '#/components/schemas/BudgetReleased'
+      - type: object
+        required: [organism, budget]
+        properties:
+          organism: {type: string}
+          budget: {$ref: '#/components/schemas/BudgetSummary'}
   ThreadBudgets:
     allOf:
       - $ref: '#/components/schemas/Page'
@@ -302,15 +392,7 @@ schemas:
         required: [agent, budget]
         properties:
           agent: {type: string}
-          budget:
-            type: object
-            required: [max_tokens, total_tokens, remaining, percent_used, is_exhausted]
-            properties:
-              max_tokens: {type: integer, nullable: true}
-              total_tokens: {type: integer, minimum: 0}
-              remaining: {type: integer, nullable: true, minimum: 0}
-              percent_used: {type: number, minimum: 0}
-              is_exhausted: {type: boolean}
+          budget: {$ref: '#/components/schemas/BudgetSummary'}
   ModelUsage:
     allOf:
       - $ref: '#/components/schemas/UsageTotals'
@@ -418,6 +500,10 @@ _COMPONENTS["responses"] = {
         ("ThreadBudgets", "one page of thread budgets"),
         ("ThreadBudget", "a thread's token budget"),
         ("AgentUsage", "an agent's usage and budget"),
+        ("ThreadBudgetSet", "the thread's budget view, and what still holds it"),
+        ("AgentBudgetSet", "the agent's budget, the threads that go on and those still held"),
+        ("OrganismBudgetSet", "the organism's budget, the threads that go on and those "
+                              "still held"),
         ("ModelUsage", "a model's usage"),
         ("Injected", "accepted and durable"),
         ("AgentState", "the agent's new state"),

@@ -14,16 +14,17 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from xml_pipeline.api.budgets import budget_summary, thread_budget
 from xml_pipeline.api.responses import ApiError, JSONResponse, integer, listing, page
 from xml_pipeline.envelope import format_timestamp
 from xml_pipeline.events import MessageAccepted
 from xml_pipeline.llm import KEY_ENV
 from xml_pipeline.organism import Listener
 from xml_pipeline.pump import Pump
-from xml_pipeline.state.budgets import Gauge, UsageTotals
+from xml_pipeline.state.budgets import UsageTotals
 from xml_pipeline.state.threads import ThreadInfo
 
-__all__ = ["routes", "thread_budget", "usage_totals"]
+__all__ = ["agent_usage", "routes", "usage_totals"]
 
 
 def _pump(request: Request) -> Pump:
@@ -406,15 +407,6 @@ def usage_totals(totals: UsageTotals | None) -> dict[str, Any]:
             if t.request_count else 0.0}
 
 
-def thread_budget(thread_id: str, gauge: Gauge, warning: int | None = None
-                  ) -> dict[str, Any]:
-    return {"thread_id": thread_id, "max_tokens": gauge.limit,
-            "prompt_tokens": gauge.prompt_tokens, "completion_tokens": gauge.completion_tokens,
-            "total_tokens": gauge.used, "reserved_tokens": gauge.reserved,
-            "remaining": gauge.remaining, "percent_used": gauge.percent_used,
-            "is_exhausted": gauge.exhausted, "warning": warning}
-
-
 async def usage(request: Request) -> Response:
     """Token usage since the last reset: totals, by agent, by model.
     ---
@@ -443,18 +435,20 @@ async def usage_threads(request: Request) -> Response:
       "200": {$ref: "#/components/responses/ThreadBudgets"}
       "400": {$ref: "#/components/responses/BadRequest"}
     """
-    budgets = _pump(request).state.budgets
+    pump = _pump(request)
+    budgets = pump.state.budgets
     limit, offset = page(request)
     ordered = sorted(budgets.threads.items(), key=lambda kv: (-kv[1].used, kv[0]))
-    body = listing("threads", [thread_budget(k, g, budgets.warnings.get(f"thread:{k}"))
-                              for k, g in ordered[offset:offset + limit]],
+    body = listing("threads", [thread_budget(pump, k) for k, _ in ordered[offset:offset + limit]],
                    total=len(ordered), limit=limit, offset=offset)
     body["default_max_tokens"] = budgets.defaults.get("thread_tokens")
     return JSONResponse(body)
 
 
 async def usage_thread(request: Request) -> Response:
-    """One thread's token budget.
+    """One thread's token budget, every gauge its calls count against (the thread's, each
+    agent's in the thread, each agent's, the organism's), and the one that holds it if a
+    budget paused it (``stopped_by``).
     ---
     parameters: [{$ref: "#/components/parameters/thread_id"}]
     responses:
@@ -464,10 +458,7 @@ async def usage_thread(request: Request) -> Response:
     pump = _pump(request)
     thread_id = request.path_params["thread_id"]
     _find_thread(pump, thread_id)
-    budgets = pump.state.budgets
-    gauge = budgets.threads.get(thread_id) or Gauge(limit=budgets.defaults.get("thread_tokens"))
-    return JSONResponse(thread_budget(thread_id, gauge,
-                                      budgets.warnings.get(f"thread:{thread_id}")))
+    return JSONResponse(thread_budget(pump, thread_id))
 
 
 async def usage_agent(request: Request) -> Response:
@@ -481,13 +472,13 @@ async def usage_agent(request: Request) -> Response:
     pump = _pump(request)
     name = request.path_params["name"]
     _listener(pump, name)
+    return JSONResponse(agent_usage(pump, name))
+
+
+def agent_usage(pump: Pump, name: str) -> dict[str, Any]:
     budgets = pump.state.budgets
-    gauge = budgets.agents.get(name) or Gauge()
-    return JSONResponse({"agent": name, **usage_totals(budgets.usage_by_agent.get(name)),
-                         "budget": {"max_tokens": gauge.limit, "total_tokens": gauge.used,
-                                    "remaining": gauge.remaining,
-                                    "percent_used": gauge.percent_used,
-                                    "is_exhausted": gauge.exhausted}})
+    return {"agent": name, **usage_totals(budgets.usage_by_agent.get(name)),
+            "budget": budget_summary(budgets.agent_gauge_or_new(name))}
 
 
 async def usage_model(request: Request) -> Response:

@@ -3,9 +3,13 @@
 Budgets count every token ever used (they are never reset); ``usage`` counts since the last
 ``UsageReset``. Limits come from the organism (``budgets:`` defaults and each listener's
 ``budget:``) and from ``BudgetRaised``. A reservation (``TokensReserved``) holds tokens until the
-``TokensUsed`` that settles it. The per-thread entries (gauges, usage, recorded answers,
-warnings) of a thread the threads projection forgets (``organism.retention``) are forgotten
-with it; the agent, model and organism totals keep its tokens.
+``TokensUsed`` that settles it. A call that a budget refused (``BudgetExhausted``) waits in
+``holds`` until a raise frees it (``BudgetRaised`` not naming it in ``held``), it is made
+(``TokensReserved``) or its thread is killed; ``blocking`` says which gauge holds it now and
+``raised`` decides which waiting calls a raise frees. The per-thread entries (gauges, usage,
+recorded answers, warnings, holds) of a thread the threads projection forgets
+(``organism.retention``) are forgotten with it; the agent, model and organism totals keep its
+tokens.
 """
 
 from __future__ import annotations
@@ -23,12 +27,30 @@ from xml_pipeline.events import (
     ModelResponded,
     OrganismLoaded,
     OrganismReloaded,
+    ThreadKilled,
     TokensReserved,
     TokensUsed,
     UsageReset,
 )
 
-__all__ = ["Budgets", "Gauge", "Reservation", "UsageTotals", "evolve", "forget_threads"]
+__all__ = [
+    "SCOPES",
+    "Blocker",
+    "Budgets",
+    "Gauge",
+    "Hold",
+    "Reservation",
+    "UsageTotals",
+    "blocking",
+    "evolve",
+    "forget_threads",
+    "gauges",
+    "raised",
+    "waiting",
+]
+
+#: The budgets a call counts against, in the order they are checked (and listed).
+SCOPES = ("thread", "thread-agent", "agent", "organism")
 
 
 class UsageTotals(msgspec.Struct, kw_only=True, array_like=True, gc=False):
@@ -73,6 +95,14 @@ class Gauge(msgspec.Struct, kw_only=True, array_like=True, gc=False):
         return 0.0 if not self.limit else round(100.0 * self.used / self.limit, 2)
 
 
+class Hold(msgspec.Struct, kw_only=True, array_like=True, gc=False):
+    """A call that a budget refused and that waits: the ``BudgetExhausted`` that parked it."""
+
+    scope: str
+    key: str
+    requested: int
+
+
 class Reservation(msgspec.Struct, kw_only=True):
     thread_id: str
     agent: str
@@ -99,6 +129,8 @@ class Budgets(msgspec.Struct, kw_only=True):
     thread_responses: dict[str, list[str]] = msgspec.field(default_factory=dict)
     #: "<scope>:<key>" -> the highest warning level (75, 90, 95) recorded for it
     warnings: dict[str, int] = msgspec.field(default_factory=dict)
+    #: thread id -> agent -> the call of that agent a budget holds (its thread is paused)
+    holds: dict[str, dict[str, Hold]] = msgspec.field(default_factory=dict)
 
     def thread_gauge(self, thread_id: str) -> Gauge:
         gauge = self.threads.get(thread_id)
@@ -119,6 +151,19 @@ class Budgets(msgspec.Struct, kw_only=True):
             self.agents[agent] = gauge
         return gauge
 
+    def agent_gauge_or_new(self, agent: str) -> Gauge:
+        """The agent's gauge, or the one the fold would create (read only)."""
+        gauge = self.agents.get(agent)
+        if gauge is not None:
+            return gauge
+        limit = self.listener_limits.get(agent, {}).get("agent_tokens")
+        return Gauge(limit=limit if limit is not None else self.defaults.get("agent_tokens"))
+
+    def thread_agent_gauge_or_new(self, thread_id: str, agent: str) -> Gauge:
+        """``agent``'s gauge within ``thread_id``, or the one the fold would create."""
+        return self.thread_agents.get(f"{thread_id}|{agent}") or Gauge(
+            limit=self.listener_limits.get(agent, {}).get("thread_tokens"))
+
 
 def thread_agent_gauge(state: Budgets, thread_id: str, agent: str) -> Gauge:
     key = f"{thread_id}|{agent}"
@@ -127,6 +172,94 @@ def thread_agent_gauge(state: Budgets, thread_id: str, agent: str) -> Gauge:
         gauge = Gauge(limit=state.listener_limits.get(agent, {}).get("thread_tokens"))
         state.thread_agents[key] = gauge
     return gauge
+
+
+# ------------------------------------------------------------------ reading and deciding
+
+
+class Blocker(msgspec.Struct, frozen=True, kw_only=True):
+    """The gauge that a waiting call of ``agent`` would exceed (read only)."""
+
+    scope: str
+    key: str
+    agent: str
+    gauge: Gauge
+    requested: int
+
+    @property
+    def needed(self) -> int:
+        """The smallest limit that lets the call go on."""
+        return self.gauge.used + self.gauge.reserved + self.requested
+
+
+def gauges(state: Budgets, thread_id: str, agent: str, *, organism: str
+           ) -> list[tuple[str, str, Gauge]]:
+    """``(scope, key, gauge)`` of every budget a call of ``agent`` in ``thread_id`` counts
+    against, in ``SCOPES`` order, as the fold would create them (read only)."""
+    return [("thread", thread_id, state.thread_gauge_or_new(thread_id)),
+            ("thread-agent", f"{thread_id}|{agent}",
+             state.thread_agent_gauge_or_new(thread_id, agent)),
+            ("agent", agent, state.agent_gauge_or_new(agent)),
+            ("organism", organism, state.organism)]
+
+
+def _covers(scope: str, key: str, thread_id: str) -> bool:
+    """Whether raising ``scope`` (``key``) may free the waiting calls of ``thread_id``."""
+    return scope in ("agent", "organism") or key.partition("|")[0] == thread_id
+
+
+def blocking(state: Budgets, thread_id: str, agent: str, requested: int, *, organism: str,
+             assuming: tuple[str, str, int] | None = None) -> Blocker | None:
+    """The first gauge (``SCOPES`` order) that a call of ``agent`` in ``thread_id`` needing
+    up to ``requested`` tokens would exceed, or None if every one has room; ``assuming``
+    ``(scope, key, limit)``: as if that gauge's limit were ``limit``."""
+    for scope, key, gauge in gauges(state, thread_id, agent, organism=organism):
+        limit = gauge.limit
+        if assuming is not None and assuming[0] == scope and (
+                scope == "organism" or assuming[1] == key):
+            limit = assuming[2]
+        if limit is not None and gauge.used + gauge.reserved + requested > limit:
+            shown = gauge if limit == gauge.limit else Gauge(
+                used=gauge.used, reserved=gauge.reserved, limit=limit,
+                exhausted=gauge.exhausted, prompt_tokens=gauge.prompt_tokens,
+                completion_tokens=gauge.completion_tokens)
+            return Blocker(scope=scope, key=key, agent=agent, gauge=shown, requested=requested)
+    return None
+
+
+def waiting(state: Budgets, thread_id: str, *, organism: str) -> list[Blocker]:
+    """What holds each waiting call of ``thread_id`` now (the gauge its ``BudgetExhausted``
+    named, if none is short any more)."""
+    found = []
+    for agent, hold in state.holds.get(thread_id, {}).items():
+        blocker = blocking(state, thread_id, agent, hold.requested, organism=organism)
+        if blocker is None:
+            named = {scope: (key, gauge) for scope, key, gauge in
+                     gauges(state, thread_id, agent, organism=organism)}
+            key, gauge = named.get(hold.scope, (hold.key, Gauge()))
+            blocker = Blocker(scope=hold.scope, key=key, agent=agent, gauge=gauge,
+                              requested=hold.requested)
+        found.append(blocker)
+    return found
+
+
+def raised(state: Budgets, *, scope: str, key: str, max_tokens: int, at: float, by: str,
+           organism: str) -> BudgetRaised:
+    """The ``BudgetRaised`` that sets the ``scope`` budget (``key``) to ``max_tokens``: it
+    names in ``held`` every waiting call it covers that a budget would still refuse."""
+    held = []
+    for thread_id, holds in state.holds.items():
+        if not _covers(scope, key, thread_id):
+            continue
+        for agent, hold in holds.items():
+            if blocking(state, thread_id, agent, hold.requested, organism=organism,
+                        assuming=(scope, key, max_tokens)) is not None:
+                held.append(f"{thread_id}|{agent}")
+    return BudgetRaised(at=at, scope=scope, key=key, max_tokens=max_tokens, by=by,
+                        held=tuple(held))
+
+
+# ------------------------------------------------------------------ the fold
 
 
 @singledispatch
@@ -160,6 +293,7 @@ def _(event: TokensReserved, state: Budgets, position: int) -> Budgets:
         return state
     state.reservations[event.reservation_id] = Reservation(
         thread_id=event.thread_id, agent=event.agent, tokens=event.tokens)
+    _release(state, event.thread_id, event.agent)  # a waiting call of this agent is made
     for gauge in (state.thread_gauge(event.thread_id), state.agent_gauge(event.agent),
                   state.organism, thread_agent_gauge(state, event.thread_id, event.agent)):
         gauge.reserved += event.tokens
@@ -209,6 +343,8 @@ def _(event: BudgetExhausted, state: Budgets, position: int) -> Budgets:
     gauge = _gauge_of(state, event.scope, event.key)
     if gauge is not None:
         gauge.exhausted = True
+    state.holds.setdefault(event.thread_id, {})[event.agent] = Hold(
+        scope=event.scope, key=event.key, requested=event.requested)
     return state
 
 
@@ -219,7 +355,24 @@ def _(event: BudgetRaised, state: Budgets, position: int) -> Budgets:
         gauge.limit = event.max_tokens
         gauge.exhausted = False
         state.warnings.pop(f"{event.scope}:{event.key}", None)
+    held = set(event.held)
+    for thread_id in [t for t in state.holds if _covers(event.scope, event.key, t)]:
+        for agent in list(state.holds[thread_id]):
+            if f"{thread_id}|{agent}" not in held:
+                _release(state, thread_id, agent)
     return state
+
+
+@evolve.register
+def _(event: ThreadKilled, state: Budgets, position: int) -> Budgets:
+    state.holds.pop(event.thread_id, None)
+    return state
+
+
+def _release(state: Budgets, thread_id: str, agent: str) -> None:
+    holds = state.holds.get(thread_id)
+    if holds is not None and holds.pop(agent, None) is not None and not holds:
+        del state.holds[thread_id]
 
 
 @evolve.register
@@ -252,6 +405,7 @@ def forget_threads(state: Budgets, thread_ids: list[str]) -> None:
     agents = list(state.agents)
     for thread_id in thread_ids:
         state.threads.pop(thread_id, None)
+        state.holds.pop(thread_id, None)
         state.usage_by_thread.pop(thread_id, None)
         state.warnings.pop(f"thread:{thread_id}", None)
         for agent in agents:

@@ -334,12 +334,14 @@ def _(event: BudgetExhausted, state: Threads, position: int) -> Threads:
 
 @evolve.register
 def _(event: BudgetRaised, state: Threads, position: int) -> Threads:
+    held = {key.partition("|")[0] for key in event.held}  # still paused by some budget
     if event.scope in ("thread", "thread-agent"):
-        thread = _touch(state, event.key.partition("|")[0], event.at)
-        if thread is not None and thread.status == "paused":
+        thread_id = event.key.partition("|")[0]
+        thread = _touch(state, thread_id, event.at)
+        if thread is not None and thread.status == "paused" and thread_id not in held:
             thread.status = "active"
     else:  # an agent or organism budget: every thread it paused may go on
-        for thread in state.threads.values():
-            if thread.status == "paused":
+        for thread_id, thread in state.threads.items():
+            if thread.status == "paused" and thread_id not in held:
                 thread.status = "active"
     return state

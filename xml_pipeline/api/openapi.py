@@ -1,17 +1,22 @@
 """The OpenAPI document of the API, served at ``GET /api/v1/openapi.json``.
 
-Each endpoint documents itself in the YAML after ``---`` in its docstring (Starlette's
-``SchemaGenerator``): parameters, request body and every status it answers, referring to the
-shapes below by ``$ref``. What every operation shares is added here: the bearer token (so a 401
-on each operation), the 503 of a server with ``organism.api.max_requests`` requests in
-progress (every operation but the event stream), and the ``X-Request-ID`` header on every
-answer.
+Each endpoint documents itself in its docstring, so that the code and its document are one
+text: its first sentence is the operation's summary, its prose the description, and the YAML
+after ``---`` (Starlette's ``SchemaGenerator``) holds the parameters, the request body and
+every status the endpoint itself answers, referring to the shapes below by ``$ref``. What every
+operation shares is added here: its ``operationId`` (``OPERATION_IDS``), the answers of the
+guards and the router in front of it (``GUARDS``: 401 without the token, 403 from another
+site, 404 for a path parameter no route takes, 413 for a body over the limit, 503 while
+``organism.api.max_requests`` requests are in progress), and
+the ``X-Request-ID`` header on every answer. ``tests/test_openapi.py`` checks the document
+against the routes and against a real server, and generates a client from it.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+import inspect
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import yaml
@@ -79,6 +84,20 @@ schemas:
   Time: {type: string, nullable: true, description: RFC 3339 timestamp}
   Names: {type: array, items: {type: string}}
 
+  # Every enum is a schema of its own, named once: generated clients get one type for each
+  # (two inline enums on properties of the same name would make two types of the same name).
+  OrganismStatus: {type: string, enum: [new, running, stopped]}
+  ListenerKind: {type: string, enum: [agent, handler]}
+  AgentStatus:
+    type: string
+    enum: [running, paused, removed]
+    description: removed is a listener a reload took away (its counters are kept)
+  ThreadStatus: {type: string, enum: [active, completed, failed, killed, paused]}
+  BudgetWarning:
+    type: integer
+    enum: [75, 90, 95]
+    description: a warning level (percent of the budget used)
+
   Organism:
     type: object
     required: [name, digest, status, path, started_at, loaded_at, position, listeners, reloads,
@@ -86,7 +105,7 @@ schemas:
     properties:
       name: {type: string}
       digest: {type: string}
-      status: {type: string, enum: [new, running, stopped]}
+      status: {$ref: '#/components/schemas/OrganismStatus'}
       path: {type: string}
       started_at: {$ref: '#/components/schemas/Time'}
       loaded_at: {$ref: '#/components/schemas/Time'}
@@ -116,7 +135,7 @@ schemas:
     properties:
       name: {type: string}
       description: {type: string}
-      kind: {type: string, enum: [agent, handler]}
+      kind: {$ref: '#/components/schemas/ListenerKind'}
       payload_type: {type: string}
       payload_namespace: {type: string, nullable: true}
       peers: {$ref: '#/components/schemas/Names'}
@@ -136,8 +155,8 @@ schemas:
     properties:
       name: {type: string}
       description: {type: string}
-      kind: {type: string, enum: [agent, handler]}
-      state: {type: string, enum: [running, paused, removed]}
+      kind: {$ref: '#/components/schemas/ListenerKind'}
+      state: {$ref: '#/components/schemas/AgentStatus'}
       paused_by: {type: string, nullable: true}
       paused_at: {$ref: '#/components/schemas/Time'}
       queued: {type: integer, minimum: 0}
@@ -185,7 +204,7 @@ schemas:
                open_messages, dead_letters, rejected, participants, killed_by]
     properties:
       thread_id: {type: string}
-      status: {type: string, enum: [active, completed, failed, killed, paused]}
+      status: {$ref: '#/components/schemas/ThreadStatus'}
       created_at: {$ref: '#/components/schemas/Time'}
       updated_at: {$ref: '#/components/schemas/Time'}
       root_message_id: {type: string}
@@ -283,10 +302,9 @@ schemas:
       percent_used: {type: number, minimum: 0}
       is_exhausted: {type: boolean}
       warning:
-        type: integer
+        description: the highest warning level crossed, or null
         nullable: true
-        enum: [75, 90, 95, null]
-        description: the highest warning level crossed (percent), or null
+        allOf: [{$ref: '#/components/schemas/BudgetWarning'}]
   ThreadBudgets:
     allOf:
       - $ref: '#/components/schemas/Page'
@@ -333,7 +351,7 @@ schemas:
     properties:
       success: {type: boolean, enum: [true]}
       agent: {type: string}
-      state: {type: string, enum: [running, paused]}
+      state: {$ref: '#/components/schemas/AgentStatus'}
   Killed:
     type: object
     additionalProperties: false
@@ -390,7 +408,11 @@ _COMPONENTS["responses"] = {
     # Errors, by the name of their status.
     "BadRequest": _error("the request is not valid: a query parameter, the body, the XML"),
     "Unauthorized": _error("no valid 'Authorization: Bearer <token>' header"),
+    "Forbidden": _error("no token is set, and the request comes from a page of another site "
+                        "(its Origin) or names a Host that is not this machine"),
     "NotFound": _error("no such thing (its id is in details)"),
+    "NoRoute": _error("no route takes this path: a path parameter holds a character that no "
+                      "route matches (a line break)"),
     "Conflict": _error("the thread is closed"),
     "TooLarge": _error("the body is over the size limit"),
     "UnsupportedMediaType": _error("the Content-Type is not JSON or XML"),
@@ -442,21 +464,93 @@ _BASE: dict[str, Any] = {
     "security": [{"bearer": []}],
 }
 
-_UNAUTHORIZED = {"$ref": "#/components/responses/Unauthorized"}
-_UNAVAILABLE = {"$ref": "#/components/responses/Unavailable"}
+#: A name for each operation, by ``"METHOD /path"``, for generated clients. An operation left
+#: out gets one made of its method and its endpoint's name (and tests/test_openapi.py fails).
+OPERATION_IDS: dict[str, str] = {
+    "GET /organism": "getOrganism",
+    "GET /organism/config": "getOrganismConfig",
+    "GET /organism/state": "getOrganismState",
+    "POST /organism/reload": "reloadOrganism",
+    "POST /organism/stop": "stopOrganism",
+    "GET /capabilities": "listCapabilities",
+    "GET /capabilities/{name}": "getCapability",
+    "GET /agents": "listAgents",
+    "GET /agents/{name}": "getAgent",
+    "GET /agents/{name}/config": "getAgentConfig",
+    "GET /agents/{name}/schema": "getAgentSchema",
+    "POST /agents/{name}/pause": "pauseAgent",
+    "POST /agents/{name}/resume": "resumeAgent",
+    "GET /threads": "listThreads",
+    "GET /threads/{thread_id}": "getThread",
+    "GET /threads/{thread_id}/messages": "listThreadMessages",
+    "POST /threads/{thread_id}/kill": "killThread",
+    "GET /messages": "listMessages",
+    "POST /inject": "inject",
+    "GET /dead-letters": "listDeadLetters",
+    "POST /dead-letters/{message_id}/retry": "retryDeadLetter",
+    "GET /usage": "getUsage",
+    "POST /usage/reset": "resetUsage",
+    "GET /usage/threads": "listThreadBudgets",
+    "GET /usage/threads/{thread_id}": "getThreadBudget",
+    "POST /usage/threads/{thread_id}/budget": "raiseThreadBudget",
+    "GET /usage/agents/{name}": "getAgentUsage",
+    "GET /usage/models/{model}": "getModelUsage",
+    "GET /events": "streamEvents",
+}
+
 _UNCOUNTED = ("/events",)  # not counted against organism.api.max_requests
+
+#: What the guards in front of every endpoint (``auth.py``) and the router may answer instead
+#: of it: status, response and the paths it applies to. An endpoint's own answer with the same
+#: status comes first.
+GUARDS: list[tuple[str, str, Callable[[str], bool]]] = [
+    ("401", "Unauthorized", lambda path: True),  # a token is set and not given
+    ("403", "Forbidden", lambda path: True),  # no token, and another site or host asks
+    ("404", "NoRoute", lambda path: "{" in path),  # a path parameter no route takes
+    ("413", "TooLarge", lambda path: True),  # Content-Length over limits.max_bytes
+    ("503", "Unavailable", lambda path: path not in _UNCOUNTED),  # max_requests in progress
+]
+
+
+def _prose(func: Callable[..., Any]) -> tuple[str, str]:
+    """The summary (first sentence) and description (all of it) of an endpoint's docstring."""
+    text = inspect.cleandoc((func.__doc__ or "").split("---", 1)[0])
+    description = "\n\n".join(" ".join(paragraph.split()) for paragraph in text.split("\n\n"))
+    summary = description.split("\n", 1)[0].split(". ", 1)[0].rstrip(".")
+    return summary, description
+
+
+def _camel(words: str) -> str:
+    first, *rest = words.split("_")
+    return first + "".join(word.capitalize() for word in rest)
 
 
 def document(routes: Sequence[BaseRoute]) -> dict[str, Any]:
-    """The OpenAPI document of ``routes`` (a fresh dict: callers may change it)."""
-    schema = SchemaGenerator(copy.deepcopy(_BASE)).get_schema(routes=list(routes))
-    for path, operations in schema.get("paths", {}).items():
-        for operation in operations.values():
-            responses = operation.setdefault("responses", {})
-            responses.setdefault("401", dict(_UNAUTHORIZED))
-            if path not in _UNCOUNTED:
-                responses.setdefault("503", dict(_UNAVAILABLE))
-            for response in responses.values():
-                if "$ref" not in response:
-                    response.setdefault("headers", {}).update(copy.deepcopy(_REQUEST_ID))
+    """The OpenAPI document of ``routes`` (a fresh dict: callers may change it).
+
+    Each operation is its endpoint's docstring: the YAML after ``---``, its first sentence as
+    the summary and its prose as the description, with its name from ``OPERATION_IDS`` and
+    the ``GUARDS`` responses added. An endpoint without YAML is left out."""
+    schema = copy.deepcopy(_BASE)
+    paths: dict[str, dict[str, Any]] = schema.setdefault("paths", {})
+    generator = SchemaGenerator({})
+    for endpoint in generator.get_endpoints(list(routes)):
+        parsed = generator.parse_docstring(endpoint.func)
+        if not parsed:
+            continue
+        label = f"{endpoint.http_method.upper()} {endpoint.path}"
+        summary, description = _prose(endpoint.func)
+        operation: dict[str, Any] = {
+            "operationId": OPERATION_IDS.get(label)
+            or _camel(f"{endpoint.http_method}_{endpoint.func.__name__}"),
+            "summary": summary, "description": description, **parsed}
+        responses: dict[str, Any] = operation.setdefault("responses", {})
+        for status, name, applies in GUARDS:
+            if applies(endpoint.path):
+                responses.setdefault(status, {"$ref": f"#/components/responses/{name}"})
+        for response in responses.values():
+            if "$ref" not in response:
+                response.setdefault("headers", {}).update(copy.deepcopy(_REQUEST_ID))
+        operation["responses"] = dict(sorted(responses.items()))
+        paths.setdefault(endpoint.path, {})[endpoint.http_method] = operation
     return schema

@@ -234,8 +234,7 @@ async def threads(request: Request) -> Response:
     """Threads, most recently active first.
     ---
     parameters:
-      - {name: status, in: query, schema: {type: string,
-         enum: [active, completed, failed, killed, paused]}}
+      - {name: status, in: query, schema: {$ref: "#/components/schemas/ThreadStatus"}}
       - {name: agent, in: query, description: "only threads this listener took part in",
          schema: {type: string}}
       - {$ref: "#/components/parameters/limit"}
@@ -496,7 +495,6 @@ async def usage_model(request: Request) -> Response:
     parameters: [{name: model, in: path, required: true, schema: {type: string}}]
     responses:
       "200": {$ref: "#/components/responses/ModelUsage"}
-      "404": {$ref: "#/components/responses/NotFound"}
     """
     model = request.path_params["model"]
     totals = _pump(request).state.budgets.usage_by_model.get(model)

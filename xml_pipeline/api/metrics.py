@@ -1,12 +1,13 @@
 """``GET /metrics`` in the Prometheus text format (version 0.0.4).
 
-Counters come from the projections (so they survive restarts); latency histograms and log
-figures are this process's own observations since it started.
+Counters come from the projections (so they survive restarts, and no reset lowers them);
+latency histograms and log figures are this process's own observations since it started.
+Names follow Prometheus' rules: counters end in ``_total``, units are suffixes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -14,6 +15,7 @@ from starlette.responses import Response
 from xml_pipeline.events import Event, HandlerSucceeded
 from xml_pipeline.histogram import Histogram
 from xml_pipeline.pump import Pump
+from xml_pipeline.state.budgets import UsageTotals
 
 __all__ = ["Histogram", "Observer", "metrics"]
 
@@ -43,6 +45,18 @@ def _metric(out: list[str], name: str, kind: str, help_text: str,
         out.append(f"{name}{{{labels}}} {value}" if labels else f"{name} {value}")
 
 
+def _tokens(models: Iterable[str], usage: Mapping[str, UsageTotals]
+            ) -> list[tuple[str, float]]:
+    """Prompt and completion tokens of each of ``models`` in ``usage`` (0 for a model it
+    does not hold), so that a series never vanishes."""
+    samples: list[tuple[str, float]] = []
+    for model in sorted(models):
+        totals = usage.get(model) or UsageTotals()
+        samples += [(f'model="{_escape(model)}",kind="prompt"', totals.prompt_tokens),
+                    (f'model="{_escape(model)}",kind="completion"', totals.completion_tokens)]
+    return samples
+
+
 async def metrics(request: Request) -> Response:
     pump: Pump = request.app.state.pump
     observer: Observer = request.app.state.observer
@@ -55,16 +69,18 @@ async def metrics(request: Request) -> Response:
 
     _metric(out, "xml_pipeline_messages_accepted_total", "counter",
             "Messages accepted for each listener.", per_listener("accepted"))
-    _metric(out, "xml_pipeline_messages_rejected_total", "counter",
-            "Messages refused on their way to each listener.", per_listener("rejected"))
+    _metric(out, "xml_pipeline_listener_rejected_messages_total", "counter",
+            "Messages addressed to each listener that the bus refused.",
+            per_listener("rejected"))
     _metric(out, "xml_pipeline_messages_delivered_total", "counter",
             "Deliveries to each listener (retries included).", per_listener("delivered"))
     _metric(out, "xml_pipeline_handler_failures_total", "counter",
             "Handler calls that raised or timed out.", per_listener("failed"))
     _metric(out, "xml_pipeline_dead_letters_total", "counter",
             "Messages dead-lettered per listener.", per_listener("dead_lettered"))
-    _metric(out, "xml_pipeline_rejected_total", "counter",
-            "Every message refused by the bus.", [("", state.threads.rejected)])
+    _metric(out, "xml_pipeline_bus_rejected_messages_total", "counter",
+            "Every message the bus refused, those addressed to no listener it has included.",
+            [("", state.threads.rejected)])
     depth, in_flight = [], []
     for name in pump.organism.listeners:
         stats = pump.mailbox(name).statistics()
@@ -89,14 +105,17 @@ async def metrics(request: Request) -> Response:
             [("", log.batches)])
     _metric(out, "xml_pipeline_log_fsyncs_total", "counter", "fsync calls.",
             [("", log.fsyncs)])
-    _metric(out, "xml_pipeline_log_largest_batch", "gauge", "Most records in one batch.",
-            [("", log.largest_batch)])
-    _metric(out, "xml_pipeline_log_mean_batch", "gauge", "Mean records per batch.",
+    _metric(out, "xml_pipeline_log_largest_batch_records", "gauge",
+            "Most records in one write batch.", [("", log.largest_batch)])
+    _metric(out, "xml_pipeline_log_mean_batch_records", "gauge",
+            "Mean records per write batch.",
             [("", round(log.appended / log.batches, 3) if log.batches else 0)])
-    usage = state.budgets.usage_by_model
-    _metric(out, "xml_pipeline_tokens_total", "counter", "LLM tokens used since the last reset.",
-            [(f'model="{_escape(m)}",kind="prompt"', u.prompt_tokens) for m, u in usage.items()]
-            + [(f'model="{_escape(m)}",kind="completion"', u.completion_tokens)
-               for m, u in usage.items()])
+    budgets = state.budgets
+    # The counter is every token ever used; POST /usage/reset starts only the gauge again.
+    _metric(out, "xml_pipeline_tokens_total", "counter", "LLM tokens used, ever.",
+            _tokens(budgets.lifetime_by_model, budgets.lifetime_by_model))
+    _metric(out, "xml_pipeline_usage_tokens", "gauge",
+            "LLM tokens used since the last usage reset (POST /api/v1/usage/reset).",
+            _tokens(budgets.lifetime_by_model, budgets.usage_by_model))
     return Response("\n".join(out) + "\n",
                     media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -1,17 +1,22 @@
 """The OpenAPI document of the API, served at ``GET /api/v1/openapi.json``.
 
-Each endpoint documents itself in the YAML after ``---`` in its docstring (Starlette's
-``SchemaGenerator``): parameters, request body and every status it answers, referring to the
-shapes below by ``$ref``. What every operation shares is added here: the bearer token (so a 401
-on each operation), the 503 of a server with ``organism.api.max_requests`` requests in
-progress (every operation but the event stream), and the ``X-Request-ID`` header on every
-answer.
+Each endpoint documents itself in its docstring, so that the code and its document are one
+text: its first sentence is the operation's summary, its prose the description, and the YAML
+after ``---`` (Starlette's ``SchemaGenerator``) holds the parameters, the request body and
+every status the endpoint itself answers, referring to the shapes below by ``$ref``. What every
+operation shares is added here: its ``operationId`` (``OPERATION_IDS``), the answers of the
+guards and the router in front of it (``GUARDS``: 401 without the token, 403 from another
+site, 404 for a path parameter no route takes, 413 for a body over the limit, 503 while
+``organism.api.max_requests`` requests are in progress), and
+the ``X-Request-ID`` header on every answer. ``tests/test_openapi.py`` checks the document
+against the routes and against a real server, and generates a client from it.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+import inspect
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import yaml
@@ -19,6 +24,7 @@ from starlette.routing import BaseRoute
 from starlette.schemas import SchemaGenerator
 
 import xml_pipeline
+from xml_pipeline.api.shapes import SCHEMAS
 
 __all__ = ["document"]
 
@@ -64,392 +70,6 @@ headers:
   Retry-After:
     description: seconds to wait before trying again
     schema: {type: string, pattern: '^[0-9]+$'}
-
-schemas:
-  Error:
-    type: object
-    additionalProperties: false
-    required: [error]
-    properties:
-      error:
-        type: object
-        additionalProperties: false
-        required: [code, message, details, request_id]
-        properties:
-          code: {type: string}
-          message: {type: string}
-          details: {}
-          request_id: {type: string, nullable: true}
-  Page:
-    type: object
-    required: [count, total, offset, limit]
-    properties:
-      count: {type: integer, minimum: 0}
-      total: {type: integer, minimum: 0}
-      offset: {type: integer, minimum: 0}
-      limit: {type: integer, minimum: 1}
-  Time: {type: string, nullable: true, description: RFC 3339 timestamp}
-  Names: {type: array, items: {type: string}}
-
-  Organism:
-    type: object
-    required: [name, digest, status, path, started_at, loaded_at, position, listeners, reloads,
-               reloads_rejected, last_reload_error]
-    properties:
-      name: {type: string}
-      digest: {type: string}
-      status: {type: string, enum: [new, running, stopped]}
-      path: {type: string}
-      started_at: {$ref: '#/components/schemas/Time'}
-      loaded_at: {$ref: '#/components/schemas/Time'}
-      position: {type: integer, minimum: 0}
-      listeners: {type: integer, minimum: 0}
-      reloads: {type: integer, minimum: 0}
-      reloads_rejected: {type: integer, minimum: 0}
-      last_reload_error: {type: string, nullable: true}
-  OrganismConfig:
-    type: object
-    required: [path, digest, source]
-    properties:
-      path: {type: string}
-      digest: {type: string}
-      source: {type: string}
-  OrganismState:
-    type: object
-    required: [position, digest, idle]
-    properties:
-      position: {type: integer, minimum: 0}
-      digest: {type: string}
-      idle: {type: boolean}
-
-  Capability:
-    type: object
-    required: [name, description, kind, payload_type, payload_namespace, peers]
-    properties:
-      name: {type: string}
-      description: {type: string}
-      kind: {type: string, enum: [agent, handler]}
-      payload_type: {type: string}
-      payload_namespace: {type: string, nullable: true}
-      peers: {$ref: '#/components/schemas/Names'}
-      schema: {type: string}
-      example: {type: string}
-  Capabilities:
-    allOf:
-      - $ref: '#/components/schemas/Page'
-      - type: object
-        required: [capabilities]
-        properties:
-          capabilities: {type: array, items: {$ref: '#/components/schemas/Capability'}}
-  Agent:
-    type: object
-    required: [name, description, kind, state, paused_by, paused_at, queued, in_flight,
-               accepted, rejected, delivered, succeeded, failed, dead_lettered, last_active_at]
-    properties:
-      name: {type: string}
-      description: {type: string}
-      kind: {type: string, enum: [agent, handler]}
-      state: {type: string, enum: [running, paused, removed]}
-      paused_by: {type: string, nullable: true}
-      paused_at: {$ref: '#/components/schemas/Time'}
-      queued: {type: integer, minimum: 0}
-      in_flight: {type: integer, minimum: 0}
-      accepted: {type: integer, minimum: 0}
-      rejected: {type: integer, minimum: 0}
-      delivered: {type: integer, minimum: 0}
-      succeeded: {type: integer, minimum: 0}
-      failed: {type: integer, minimum: 0}
-      dead_lettered: {type: integer, minimum: 0}
-      last_active_at: {$ref: '#/components/schemas/Time'}
-      model: {type: string, nullable: true, description: the LLM model of an agent}
-      error:
-        type: string
-        nullable: true
-        description: why the agent cannot work now (no API key), or null
-  Agents:
-    allOf:
-      - $ref: '#/components/schemas/Page'
-      - type: object
-        required: [agents]
-        properties:
-          agents: {type: array, items: {$ref: '#/components/schemas/Agent'}}
-  AgentConfig:
-    type: object
-    required: [name, description, payload, payload_type, handler, peers, concurrency, timeout,
-               retries, budget]
-    properties:
-      name: {type: string}
-      description: {type: string}
-      payload: {type: string}
-      payload_type: {type: string}
-      payload_namespace: {type: string, nullable: true}
-      handler: {type: string, nullable: true}
-      agent: {type: object, nullable: true}
-      peers: {$ref: '#/components/schemas/Names'}
-      concurrency: {type: integer, minimum: 1}
-      timeout: {type: number}
-      retries: {type: object}
-      budget: {type: object}
-
-  Thread:
-    type: object
-    required: [thread_id, status, created_at, updated_at, root_message_id, message_count,
-               open_messages, dead_letters, rejected, participants, killed_by]
-    properties:
-      thread_id: {type: string}
-      status: {type: string, enum: [active, completed, failed, killed, paused]}
-      created_at: {$ref: '#/components/schemas/Time'}
-      updated_at: {$ref: '#/components/schemas/Time'}
-      root_message_id: {type: string}
-      message_count: {type: integer, minimum: 0}
-      open_messages: {type: integer, minimum: 0}
-      dead_letters: {type: integer, minimum: 0}
-      rejected: {type: integer, minimum: 0}
-      participants: {$ref: '#/components/schemas/Names'}
-      killed_by: {type: string, nullable: true}
-  Threads:
-    allOf:
-      - $ref: '#/components/schemas/Page'
-      - type: object
-        required: [threads]
-        properties:
-          threads: {type: array, items: {$ref: '#/components/schemas/Thread'}}
-  Message:
-    type: object
-    required: [message_id, thread_id, parent_id, sender, to, payload_type, accepted_at,
-               position, status, envelope]
-    properties:
-      message_id: {type: string}
-      thread_id: {type: string}
-      parent_id: {type: string, nullable: true}
-      sender: {type: string}
-      to: {type: string}
-      payload_type: {type: string}
-      accepted_at: {$ref: '#/components/schemas/Time'}
-      position: {type: integer, minimum: 1}
-      status: {type: string}
-      envelope: {type: string}
-  Messages:
-    allOf:
-      - $ref: '#/components/schemas/Page'
-      - type: object
-        required: [messages]
-        properties:
-          messages: {type: array, items: {$ref: '#/components/schemas/Message'}}
-  DeadLetters:
-    allOf:
-      - $ref: '#/components/schemas/Page'
-      - type: object
-        required: [dead_letters]
-        properties:
-          dead_letters:
-            type: array
-            items:
-              type: object
-              required: [message_id, reason, thread_id, listener, sender, attempts, accepted_at]
-              properties:
-                message_id: {type: string}
-                reason: {type: string}
-                thread_id: {type: string, nullable: true}
-                listener: {type: string, nullable: true}
-                sender: {type: string, nullable: true}
-                attempts: {type: integer, minimum: 0}
-                accepted_at: {$ref: '#/components/schemas/Time'}
-
-  UsageTotals:
-    type: object
-    required: [total_tokens, prompt_tokens, completion_tokens, request_count, total_cost,
-               avg_latency_ms]
-    properties:
-      total_tokens: {type: integer, minimum: 0}
-      prompt_tokens: {type: integer, minimum: 0}
-      completion_tokens: {type: integer, minimum: 0}
-      request_count: {type: integer, minimum: 0}
-      total_cost: {type: number, minimum: 0}
-      avg_latency_ms: {type: number, minimum: 0}
-  Usage:
-    type: object
-    required: [usage]
-    properties:
-      usage:
-        type: object
-        required: [totals, by_agent, by_model, active_threads, since]
-        properties:
-          totals: {$ref: '#/components/schemas/UsageTotals'}
-          by_agent: {type: object, additionalProperties: {$ref: '#/components/schemas/UsageTotals'}}
-          by_model: {type: object, additionalProperties: {$ref: '#/components/schemas/UsageTotals'}}
-          active_threads: {type: integer, minimum: 0}
-          since: {$ref: '#/components/schemas/Time'}
-  ThreadBudget:
-    type: object
-    required: [thread_id, max_tokens, prompt_tokens, completion_tokens, total_tokens,
-               remaining, percent_used, is_exhausted, status, gauges, stopped_by, waiting]
-    properties:
-      thread_id: {type: string}
-      max_tokens: {type: integer, nullable: true}
-      prompt_tokens: {type: integer, minimum: 0}
-      completion_tokens: {type: integer, minimum: 0}
-      total_tokens: {type: integer, minimum: 0}
-      reserved_tokens: {type: integer, minimum: 0}
-      remaining: {type: integer, nullable: true, minimum: 0}
-      percent_used: {type: number, minimum: 0}
-      is_exhausted: {type: boolean}
-      warning:
-        type: integer
-        nullable: true
-        enum: [75, 90, 95, null]
-        description: the highest warning level crossed (percent), or null
-      status: {type: string, nullable: true, enum: [active, completed, failed, killed, paused,
-                                                     null]}
-      gauges:
-        description: every budget the thread's calls count against, in the order checked
-        type: array
-        items: {$ref: '#/components/schemas/BudgetGauge'}
-      stopped_by:
-        description: the gauge that holds the thread's waiting call, or null
-        allOf: [{$ref: '#/components/schemas/BudgetHold'}]
-        nullable: true
-      waiting: {type: array, items: {$ref: '#/components/schemas/BudgetHold'}}
-  BudgetGauge:
-    type: object
-    required: [scope, key, agent, limit, used, reserved, remaining, percent_used, is_exhausted,
-               holding]
-    properties:
-      scope: {type: string, enum: [thread, thread-agent, agent, organism]}
-      key: {type: string}
-      agent: {type: string, nullable: true}
-      limit: {type: integer, nullable: true}
-      used: {type: integer, minimum: 0}
-      reserved: {type: integer, minimum: 0}
-      remaining: {type: integer, nullable: true, minimum: 0}
-      percent_used: {type: number, minimum: 0}
-      is_exhausted: {type: boolean}
-      holding: {type: boolean, description: "this gauge holds a waiting call"}
-  BudgetHold:
-    type: object
-    required: [thread_id, scope, key, agent, limit, used, reserved, requested, needed, message]
-    properties:
-      thread_id: {type: string}
-      scope: {type: string, enum: [thread, thread-agent, agent, organism]}
-      key: {type: string}
-      agent: {type: string, description: the agent whose call waits}
-      limit: {type: integer, nullable: true}
-      used: {type: integer, minimum: 0}
-      reserved: {type: integer, minimum: 0}
-      requested: {type: integer, minimum: 0, description: "tokens the waiting call needs"}
-      needed: {type: integer, minimum: 0, description: "the smallest limit that frees it"}
-      message: {type: string}
-  ThreadBudgetSet:
-    allOf:
-      - $ref: '#/components/schemas/ThreadBudget'
-      - type: object
-        required: [still_held_by, resumed]
-        properties:
-          resumed: {type: array, items: {type: string}, description: "[thread_id] if it goes on"}
-          still_held_by:
-            allOf: [{$ref: '#/components/schemas/BudgetHold'}]
-            nullable: true
-  BudgetSummary:
-    type: object
-    required: [max_tokens, total_tokens, remaining, percent_used, is_exhausted]
-    properties:
-      max_tokens: {type: integer, nullable: true}
-      total_tokens: {type: integer, minimum: 0}
-      reserved_tokens: {type: integer, minimum: 0}
-      remaining: {type: integer, nullable: true, minimum: 0}
-      percent_used: {type: number, minimum: 0}
-      is_exhausted: {type: boolean}
-  BudgetReleased:
-    type: object
-    required: [resumed, still_held]
-    properties:
-      resumed: {type: array, items: {type: string}, description: "threads that go on"}
-      still_held: {type: array, items: {$ref: '#/components/schemas/BudgetHold'}}
-  AgentBudgetSet:
-    allOf:
-      - $ref: '#/components/schemas/AgentUsage'
-      - $ref: '#/components/schemas/BudgetReleased'
-  OrganismBudgetSet:
-    allOf:
-      - $ref: '#/components/schemas/BudgetReleased'
-      - type: object
-        required: [organism, budget]
-        properties:
-          organism: {type: string}
-          budget: {$ref: '#/components/schemas/BudgetSummary'}
-  ThreadBudgets:
-    allOf:
-      - $ref: '#/components/schemas/Page'
-      - type: object
-        required: [threads, default_max_tokens]
-        properties:
-          threads: {type: array, items: {$ref: '#/components/schemas/ThreadBudget'}}
-          default_max_tokens: {type: integer, nullable: true}
-  AgentUsage:
-    allOf:
-      - $ref: '#/components/schemas/UsageTotals'
-      - type: object
-        required: [agent, budget]
-        properties:
-          agent: {type: string}
-          budget: {$ref: '#/components/schemas/BudgetSummary'}
-  ModelUsage:
-    allOf:
-      - $ref: '#/components/schemas/UsageTotals'
-      - type: object
-        required: [model]
-        properties:
-          model: {type: string}
-
-  Injected:
-    type: object
-    additionalProperties: false
-    required: [thread_id, message_id]
-    properties:
-      thread_id: {type: string}
-      message_id: {type: string}
-  AgentState:
-    type: object
-    additionalProperties: false
-    required: [success, agent, state]
-    properties:
-      success: {type: boolean, enum: [true]}
-      agent: {type: string}
-      state: {type: string, enum: [running, paused]}
-  Killed:
-    type: object
-    additionalProperties: false
-    required: [success, thread_id]
-    properties:
-      success: {type: boolean, enum: [true]}
-      thread_id: {type: string}
-  Retried:
-    type: object
-    additionalProperties: false
-    required: [success, message_id]
-    properties:
-      success: {type: boolean, enum: [true]}
-      message_id: {type: string}
-  Reloaded:
-    type: object
-    required: [success, added, removed, updated, changes, error, restart_needed]
-    properties:
-      success: {type: boolean}
-      restart_needed:
-        description: "changed settings that take effect only after a restart (api.host, ...)"
-        type: array
-        items: {type: string}
-      added: {$ref: '#/components/schemas/Names'}
-      removed: {$ref: '#/components/schemas/Names'}
-      updated: {$ref: '#/components/schemas/Names'}
-      changes: {type: object, additionalProperties: {$ref: '#/components/schemas/Names'}}
-      error: {type: string, nullable: true}
-  Success:
-    type: object
-    additionalProperties: false
-    required: [success]
-    properties:
-      success: {type: boolean, enum: [true]}
 """)
 
 
@@ -468,11 +88,16 @@ def _error(description: str, *, retry_after: bool = False) -> dict[str, Any]:
     return _json("Error", description, retry_after=retry_after)
 
 
+_COMPONENTS["schemas"] = SCHEMAS
 _COMPONENTS["responses"] = {
     # Errors, by the name of their status.
     "BadRequest": _error("the request is not valid: a query parameter, the body, the XML"),
     "Unauthorized": _error("no valid 'Authorization: Bearer <token>' header"),
+    "Forbidden": _error("no token is set, and the request comes from a page of another site "
+                        "(its Origin) or names a Host that is not this machine"),
     "NotFound": _error("no such thing (its id is in details)"),
+    "NoRoute": _error("no route takes this path: a path parameter holds a character that no "
+                      "route matches (a line break)"),
     "Conflict": _error("the thread is closed"),
     "TooLarge": _error("the body is over the size limit"),
     "UnsupportedMediaType": _error("the Content-Type is not JSON or XML"),
@@ -528,21 +153,95 @@ _BASE: dict[str, Any] = {
     "security": [{"bearer": []}],
 }
 
-_UNAUTHORIZED = {"$ref": "#/components/responses/Unauthorized"}
-_UNAVAILABLE = {"$ref": "#/components/responses/Unavailable"}
+#: A name for each operation, by ``"METHOD /path"``, for generated clients. An operation left
+#: out gets one made of its method and its endpoint's name (and tests/test_openapi.py fails).
+OPERATION_IDS: dict[str, str] = {
+    "GET /organism": "getOrganism",
+    "GET /organism/config": "getOrganismConfig",
+    "GET /organism/state": "getOrganismState",
+    "POST /organism/reload": "reloadOrganism",
+    "POST /organism/stop": "stopOrganism",
+    "GET /capabilities": "listCapabilities",
+    "GET /capabilities/{name}": "getCapability",
+    "GET /agents": "listAgents",
+    "GET /agents/{name}": "getAgent",
+    "GET /agents/{name}/config": "getAgentConfig",
+    "GET /agents/{name}/schema": "getAgentSchema",
+    "POST /agents/{name}/pause": "pauseAgent",
+    "POST /agents/{name}/resume": "resumeAgent",
+    "GET /threads": "listThreads",
+    "GET /threads/{thread_id}": "getThread",
+    "GET /threads/{thread_id}/messages": "listThreadMessages",
+    "POST /threads/{thread_id}/kill": "killThread",
+    "GET /messages": "listMessages",
+    "POST /inject": "inject",
+    "GET /dead-letters": "listDeadLetters",
+    "POST /dead-letters/{message_id}/retry": "retryDeadLetter",
+    "GET /usage": "getUsage",
+    "POST /usage/reset": "resetUsage",
+    "GET /usage/threads": "listThreadBudgets",
+    "GET /usage/threads/{thread_id}": "getThreadBudget",
+    "POST /usage/threads/{thread_id}/budget": "raiseThreadBudget",
+    "GET /usage/agents/{name}": "getAgentUsage",
+    "POST /usage/agents/{name}/budget": "raiseAgentBudget",
+    "POST /usage/organism/budget": "raiseOrganismBudget",
+    "GET /usage/models/{model}": "getModelUsage",
+    "GET /events": "streamEvents",
+}
+
 _UNCOUNTED = ("/events",)  # not counted against organism.api.max_requests
+
+#: What the guards in front of every endpoint (``auth.py``) and the router may answer instead
+#: of it: status, response and the paths it applies to. An endpoint's own answer with the same
+#: status comes first.
+GUARDS: list[tuple[str, str, Callable[[str], bool]]] = [
+    ("401", "Unauthorized", lambda path: True),  # a token is set and not given
+    ("403", "Forbidden", lambda path: True),  # no token, and another site or host asks
+    ("404", "NoRoute", lambda path: "{" in path),  # a path parameter no route takes
+    ("413", "TooLarge", lambda path: True),  # Content-Length over limits.max_bytes
+    ("503", "Unavailable", lambda path: path not in _UNCOUNTED),  # max_requests in progress
+]
+
+
+def _prose(func: Callable[..., Any]) -> tuple[str, str]:
+    """The summary (first sentence) and description (all of it) of an endpoint's docstring."""
+    text = inspect.cleandoc((func.__doc__ or "").split("---", 1)[0])
+    description = "\n\n".join(" ".join(paragraph.split()) for paragraph in text.split("\n\n"))
+    summary = description.split("\n", 1)[0].split(". ", 1)[0].rstrip(".")
+    return summary, description
+
+
+def _camel(words: str) -> str:
+    first, *rest = words.split("_")
+    return first + "".join(word.capitalize() for word in rest)
 
 
 def document(routes: Sequence[BaseRoute]) -> dict[str, Any]:
-    """The OpenAPI document of ``routes`` (a fresh dict: callers may change it)."""
-    schema = SchemaGenerator(copy.deepcopy(_BASE)).get_schema(routes=list(routes))
-    for path, operations in schema.get("paths", {}).items():
-        for operation in operations.values():
-            responses = operation.setdefault("responses", {})
-            responses.setdefault("401", dict(_UNAUTHORIZED))
-            if path not in _UNCOUNTED:
-                responses.setdefault("503", dict(_UNAVAILABLE))
-            for response in responses.values():
-                if "$ref" not in response:
-                    response.setdefault("headers", {}).update(copy.deepcopy(_REQUEST_ID))
+    """The OpenAPI document of ``routes`` (a fresh dict: callers may change it).
+
+    Each operation is its endpoint's docstring: the YAML after ``---``, its first sentence as
+    the summary and its prose as the description, with its name from ``OPERATION_IDS`` and
+    the ``GUARDS`` responses added. An endpoint without YAML is left out."""
+    schema = copy.deepcopy(_BASE)
+    paths: dict[str, dict[str, Any]] = schema.setdefault("paths", {})
+    generator = SchemaGenerator({})
+    for endpoint in generator.get_endpoints(list(routes)):
+        parsed = generator.parse_docstring(endpoint.func)
+        if not parsed:
+            continue
+        label = f"{endpoint.http_method.upper()} {endpoint.path}"
+        summary, description = _prose(endpoint.func)
+        operation: dict[str, Any] = {
+            "operationId": OPERATION_IDS.get(label)
+            or _camel(f"{endpoint.http_method}_{endpoint.func.__name__}"),
+            "summary": summary, "description": description, **parsed}
+        responses: dict[str, Any] = operation.setdefault("responses", {})
+        for status, name, applies in GUARDS:
+            if applies(endpoint.path):
+                responses.setdefault(status, {"$ref": f"#/components/responses/{name}"})
+        for response in responses.values():
+            if "$ref" not in response:
+                response.setdefault("headers", {}).update(copy.deepcopy(_REQUEST_ID))
+        operation["responses"] = dict(sorted(responses.items()))
+        paths.setdefault(endpoint.path, {})[endpoint.http_method] = operation
     return schema

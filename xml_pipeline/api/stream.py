@@ -274,12 +274,28 @@ class _EventStream(Response):
 
 
 async def events(request: Request) -> Response:
-    """Live events as Server-Sent Events: `after` (default: the current end), `thread`,
-    `agent`, `type` (repeatable or comma-separated); a numeric `Last-Event-ID` header
-    overrides `after`.
+    """Live events as Server-Sent Events, one per log record, from a position on. Filters:
+    ``thread``, ``agent``, ``type`` (repeatable or comma-separated); a numeric
+    ``Last-Event-ID`` header (a reconnecting browser's) overrides ``after``.
     ---
-    responses: {"200": {description: "text/event-stream, one event per log record"},
-                "400": {description: "invalid after or unknown type"}}
+    parameters:
+      - {name: after, in: query, description: "the log position to follow from (default: the
+         current end)", schema: {type: integer, minimum: 0}}
+      - {name: thread, in: query, description: "only the events of this thread",
+         schema: {type: string, minLength: 1}}
+      - {name: agent, in: query, description: "only the events that name this listener",
+         schema: {type: string, minLength: 1}}
+      - {name: type, in: query, description: "only events of these types (GET /api/v1/events
+         answers 400 with details.valid_types for an unknown one)", style: form,
+         explode: true, schema: {type: array, items: {type: string}}}
+      - {name: Last-Event-ID, in: header, description: "the position a reconnecting client
+         saw last; overrides after", schema: {type: string}}
+    responses:
+      "200":
+        description: "text/event-stream: 'id: <position>', 'event: <type>', 'data: {position,
+          type, at, data}' for each record, and ': keepalive' comments"
+        content: {text/event-stream: {schema: {type: string}}}
+      "400": {$ref: "#/components/responses/BadRequest"}
     """
     pump: Pump = request.app.state.pump
     query = request.query_params

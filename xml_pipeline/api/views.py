@@ -235,8 +235,7 @@ async def threads(request: Request) -> Response:
     """Threads, most recently active first.
     ---
     parameters:
-      - {name: status, in: query, schema: {type: string,
-         enum: [active, completed, failed, killed, paused]}}
+      - {name: status, in: query, schema: {$ref: "#/components/schemas/ThreadStatus"}}
       - {name: agent, in: query, description: "only threads this listener took part in",
          schema: {type: string}}
       - {$ref: "#/components/parameters/limit"}
@@ -446,9 +445,9 @@ async def usage_threads(request: Request) -> Response:
 
 
 async def usage_thread(request: Request) -> Response:
-    """One thread's token budget, every gauge its calls count against (the thread's, each
-    agent's in the thread, each agent's, the organism's), and the one that holds it if a
-    budget paused it (``stopped_by``).
+    """One thread's token budget and every gauge its calls count against. The gauges are
+    the thread's, each agent's in the thread, each agent's and the organism's; if a budget
+    paused the thread, ``stopped_by`` is the one that holds it.
     ---
     parameters: [{$ref: "#/components/parameters/thread_id"}]
     responses:
@@ -487,7 +486,6 @@ async def usage_model(request: Request) -> Response:
     parameters: [{name: model, in: path, required: true, schema: {type: string}}]
     responses:
       "200": {$ref: "#/components/responses/ModelUsage"}
-      "404": {$ref: "#/components/responses/NotFound"}
     """
     model = request.path_params["model"]
     totals = _pump(request).state.budgets.usage_by_model.get(model)

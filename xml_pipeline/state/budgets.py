@@ -123,6 +123,8 @@ class Budgets(msgspec.Struct, kw_only=True):
     usage_by_model: dict[str, UsageTotals] = msgspec.field(default_factory=dict)
     usage_by_thread: dict[str, UsageTotals] = msgspec.field(default_factory=dict)
     usage_since: float | None = None
+    #: every model's usage ever: ``UsageReset`` leaves it (the metrics' token counters)
+    lifetime_by_model: dict[str, UsageTotals] = msgspec.field(default_factory=dict)
     #: "<message id>#<step>" -> log position of the ModelResponded holding that answer
     responses: dict[str, int] = msgspec.field(default_factory=dict)
     #: thread id -> the keys of ``responses`` of its messages (forgotten with the thread)
@@ -317,7 +319,8 @@ def _(event: TokensUsed, state: Budgets, position: int) -> Budgets:
             gauge.reserved -= held.tokens
     state.usage.add(event)
     for table, key in ((state.usage_by_agent, event.agent), (state.usage_by_model, event.model),
-                       (state.usage_by_thread, event.thread_id)):
+                       (state.usage_by_thread, event.thread_id),
+                       (state.lifetime_by_model, event.model)):
         totals = table.get(key)
         if totals is None:
             totals = table[key] = UsageTotals()

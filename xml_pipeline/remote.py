@@ -137,7 +137,10 @@ def remote_command(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
-    if args.command == "reload":
+    if args.command == "reload" and not (result["added"] or result["removed"]
+                                         or result["updated"] or result["restart_needed"]):
+        print("reloaded: no change")
+    elif args.command == "reload":
         none = "none"
         print(f"reloaded: added {result['added'] or none}, removed {result['removed'] or none}"
               f", updated {result['updated'] or none}")

@@ -379,6 +379,8 @@ listeners:
 
 def test_a_reload_that_changes_nothing_says_no_change() -> None:
     assert ReloadResult(success=True).describe() == "no change"
+    assert ReloadResult(success=True, settings=("api",), restart_needed=("api.port",)
+                        ).describe() == "changed api (api.port takes effect after a restart)"
     assert ReloadResult(success=True, added=("c", "d"), removed=("b",), updated=("a",),
                         changes={"a": ["peers", "handler_code"]}).describe() == (
         "added 'c', 'd'; removed 'b'; updated 'a' (peers, handler_code)")
@@ -393,6 +395,13 @@ async def test_the_cli_says_no_change(tmp_path: Path, capsys: pytest.CaptureFixt
     async with running_server(load_organism(path), tmp_path / "events") as (base, _):
         code = await asyncio.to_thread(main, ["reload", "--url", base])
         assert (code, capsys.readouterr().out) == (0, "reloaded: no change\n")
+        # No listener changed, but the organism did: that is not "no change".
+        path.write_text(path.read_text().replace(
+            "organism: {name: reload-test}",
+            "organism: {name: reload-test, budgets: {thread_tokens: 5000}}"))
+        code = await asyncio.to_thread(main, ["reload", "--url", base])
+        assert (code, capsys.readouterr().out) == (
+            0, "reloaded: added none, removed none, updated none, changed budgets\n")
 
 
 # ------------------------------------------------------------------ listeners that come back

@@ -66,7 +66,8 @@ class ReloadResult:
             parts.append("changed " + ", ".join(self.settings))
         text = "; ".join(parts) or "no change"
         if self.restart_needed:
-            text += f" ({', '.join(self.restart_needed)} take effect after a restart)"
+            verb = "takes" if len(self.restart_needed) == 1 else "take"
+            text += f" ({', '.join(self.restart_needed)} {verb} effect after a restart)"
         return text
 
 

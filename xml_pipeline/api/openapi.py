@@ -361,6 +361,7 @@ schemas:
       removed: {$ref: '#/components/schemas/Names'}
       updated: {$ref: '#/components/schemas/Names'}
       changes: {type: object, additionalProperties: {$ref: '#/components/schemas/Names'}}
+      settings: {$ref: '#/components/schemas/Names'}
       error: {type: string, nullable: true}
   Success:
     type: object

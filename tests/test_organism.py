@@ -166,7 +166,37 @@ def test_yaml_syntax_error_names_the_line(organism_dir: Path) -> None:
     path = write_organism(organism_dir, "organism:\n  name: [x\nlisteners: []\n")
     problems = _problems(path)
     assert len(problems) == 1
-    assert problems[0].startswith(f"{path}:3: This is not valid YAML:")
+    assert problems[0].startswith(f"{path}:2: This is not valid YAML:")
+
+
+_NINETEEN = "organism: {name: o}\n" + "# a comment\n" * 17 + "listeners:\n"
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("  - {name: a, peers: [x, y\n",
+     "This is not valid YAML: the flow sequence '[' opened on line 20 is not closed "
+     "(on line 21: expected ',' or ']', but got ':'); close it with ']'."),
+    ("  - {name: a, peers: [x, y]\n",
+     "This is not valid YAML: the flow mapping '{' opened on line 20 is not closed "
+     "(on line 21: expected ',' or '}', but got '<scalar>'); close it with '}'."),
+    ("  - {name: 'a, peers: [x]}\n",
+     "This is not valid YAML: the quoted scalar opened on line 20 is not closed "
+     "(on line 21: found unexpected end of stream); close it with its quote."),
+])
+def test_an_unclosed_bracket_or_quote_is_reported_where_it_opens(
+        organism_dir: Path, line: str, message: str) -> None:
+    text = _NINETEEN + line + "other: 1\n"
+    assert text.splitlines()[19] == line.rstrip("\n")  # the construct is on line 20
+    path = write_organism(organism_dir, text)
+    assert _problems(path) == [f"{path}:20: {message}"]
+
+
+def test_a_yaml_error_at_the_end_of_the_file_names_its_last_line(organism_dir: Path) -> None:
+    # PyYAML's mark for the end of a file that ends with a line break is past the last line.
+    path = write_organism(organism_dir, "organism: {name: o}\nlisteners:\n  - peers: [x\n")
+    assert _problems(path) == [
+        f"{path}:3: This is not valid YAML: the flow sequence '[' opened on line 3 is not "
+        "closed (on line 3: expected ',' or ']', but got '<stream end>'); close it with ']'."]
 
 
 def test_bad_xsd_is_reported_in_both_files(organism_dir: Path) -> None:

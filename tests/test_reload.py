@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
+import re
+import sys
 import textwrap
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -26,7 +29,7 @@ from xml_pipeline.events import (
 from xml_pipeline.log.file import FileLog, open_file_log
 from xml_pipeline.organism import load_organism
 from xml_pipeline.pump import Pump, open_pump
-from xml_pipeline.reload import ReloadResult, watch
+from xml_pipeline.reload import ReloadResult, reload_organism, watch
 from xml_pipeline.state import replay
 
 ITEM_XSD = """<?xml version="1.0"?>
@@ -65,6 +68,14 @@ listeners:
 """ + b + extra)
 
 
+def new_organism(folder: Path) -> tuple[str, Path]:
+    """organism.yaml with listeners a and b, and their handler module (a new name each time:
+    handler modules are imported into this process)."""
+    module = f"reload_handlers_{next(_modules)}"
+    return module, write_organism(folder, organism_yaml(module), schemas={"item.xsd": ITEM_XSD},
+                                  modules={module: handlers_source("one")})
+
+
 class Watched:
     def __init__(self, folder: Path, module: str, pump: Pump, log: FileLog) -> None:
         self.folder = folder
@@ -85,7 +96,6 @@ class Watched:
         return await asyncio.wait_for(self.results.get(), 30)
 
     def seen(self) -> list[Any]:
-        import sys
         return list(sys.modules[self.module].seen)
 
     async def events(self, kind: type[Any]) -> list[Any]:
@@ -94,10 +104,7 @@ class Watched:
 
 @pytest.fixture
 async def watched(tmp_path: Path) -> AsyncIterator[Watched]:
-    module = f"reload_handlers_{next(_modules)}"
-    path = write_organism(tmp_path / "org", organism_yaml(module),
-                          schemas={"item.xsd": ITEM_XSD},
-                          modules={module: handlers_source("one")})
+    module, path = new_organism(tmp_path / "org")
     log = await open_file_log(tmp_path / "events")
     async with open_pump(load_organism(path), log) as pump:
         w = Watched(tmp_path / "org", module, pump, log)
@@ -226,3 +233,207 @@ async def test_twenty_reloads_under_traffic_lose_nothing_and_deliver_nothing_twi
     replayed = await replay(watched.log)
     assert replayed.digest() == watched.pump.state.digest()
     assert replayed.agents.agents["a"].config["description"] == "round 19"
+
+
+# ------------------------------------------------------------------ after a rejected reload
+
+
+async def test_a_good_save_after_a_rejected_one_says_the_organism_is_good_again(
+        watched: Watched, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="xml_pipeline.reload")
+    good = organism_yaml(watched.module)
+    broken = good.replace("description: d", "descripton: d", 1)
+    rejected = await watched.edit("organism.yaml", broken)
+    assert rejected.success is False
+    assert watched.pump.state.agents.last_reload_error == rejected.error
+    # Undoing the typo gives the organism that kept running: nothing differs, but the
+    # organism is good again, and that is said and recorded.
+    undone = await watched.edit("organism.yaml", good)
+    assert (undone.success, undone.recovered, undone.describe()) == (True, True, "no change")
+    assert watched.pump.state.agents.last_reload_error is None
+    await watched.edit("organism.yaml", broken)
+    fixed = await watched.edit("organism.yaml", organism_yaml(watched.module,
+                                                             description="fixed"))
+    assert (fixed.recovered, fixed.describe()) == (True, "updated 'a' (description)")
+    assert watched.pump.state.agents.last_reload_error is None
+    said = [r.getMessage() for r in caplog.records if r.name == "xml_pipeline.reload"]
+    assert said[1] == ("The organism is good again after the rejected reload: no change.")
+    assert said[3] == ("The organism is good again after the rejected reload: "
+                       "updated 'a' (description).")
+    reloaded = await watched.events(OrganismReloaded)
+    assert [(e.added, e.removed, e.changes) for e in reloaded] == [
+        ((), (), {}), ((), (), {"a": ["description"]})]
+    replayed = await replay(watched.log)
+    assert replayed.digest() == watched.pump.state.digest()
+    assert replayed.agents.last_reload_error is None
+
+
+async def test_an_edit_that_changes_something_is_described(watched: Watched,
+                                                           caplog: pytest.LogCaptureFixture
+                                                           ) -> None:
+    caplog.set_level(logging.INFO, logger="xml_pipeline.reload")
+    result = await watched.edit("organism.yaml", organism_yaml(
+        watched.module, description="new", with_b=False, extra=(
+            f"""  - {{name: c, description: new, payload: schemas/item.xsd,
+     handler: "{watched.module}:record"}}\n""")))
+    assert result.recovered is False
+    said = [r.getMessage() for r in caplog.records if r.name == "xml_pipeline.reload"]
+    assert said == ["Organism reloaded: added 'c'; removed 'b'; updated 'a' (description)."]
+
+
+async def test_last_reload_error_is_cleared_by_a_good_reload_and_by_a_restart(
+        tmp_path: Path) -> None:
+    from tests.api_server import client, running_server
+
+    module, path = new_organism(tmp_path / "org")
+    good = path.read_text()
+    broken = good.replace("description: d", "descripton: d", 1)
+    async with running_server(load_organism(path), tmp_path / "events") as (base, _), \
+            client(base) as http:
+        path.write_text(broken)
+        refused = (await http.post("/organism/reload")).json()
+        assert (await http.get("/organism")).json()["last_reload_error"] == refused["error"]
+        path.write_text(good.replace("description: d", "description: e", 1))
+        assert (await http.post("/organism/reload")).status_code == 200
+        seen = (await http.get("/organism")).json()
+        assert (seen["last_reload_error"], seen["reloads_rejected"]) == (None, 1)
+        path.write_text(broken)
+        assert (await http.post("/organism/reload")).status_code == 422
+    # A start loads and checks the same files: the organism on disk is good, the error gone.
+    path.write_text(good)
+    async with running_server(load_organism(path), tmp_path / "events") as (base, _), \
+            client(base) as http:
+        seen = (await http.get("/organism")).json()
+        assert (seen["last_reload_error"], seen["reloads_rejected"]) == (None, 2)
+        assert seen["loaded_at"] >= seen["started_at"]
+
+
+async def test_loaded_at_is_when_this_process_put_the_organism_in_force(
+        tmp_path: Path) -> None:
+    ticks = itertools.count(1000)
+
+    def clock() -> float:
+        return float(next(ticks))
+
+    module, path = new_organism(tmp_path / "org")
+    log = await open_file_log(tmp_path / "events")
+    try:
+        for _start in range(2):  # the second start loads the same organism (same digest)
+            async with open_pump(load_organism(path), log, clock=clock) as pump:
+                agents = pump.state.agents
+                assert agents.started_at is not None and agents.loaded_at is not None
+                assert agents.loaded_at >= agents.started_at
+                started = agents.started_at
+            replayed = await replay(log)
+            assert replayed.agents.loaded_at == started
+    finally:
+        await log.aclose()
+
+
+# ------------------------------------------------------------------ what a reload changed
+
+
+async def test_only_listeners_whose_handler_function_changed_are_marked(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # As for most users, bytecode is cached: edits of the same size in the same second
+    # must still be picked up.
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
+    module = f"reload_handlers_{next(_modules)}"
+
+    def source(*, first: str, second: str, suffix: str, above: str = "") -> str:
+        return (f'{above}SUFFIX = "{suffix}"\n\n\ndef _shout(text):\n'
+                '    return text.upper() + SUFFIX\n\n\n'
+                f'async def first(payload, ctx):\n    return "{first}"\n\n\n'
+                f'async def second(payload, ctx):\n    return _shout("{second}")\n')
+
+    path = write_organism(tmp_path / "org", f"""organism: {{name: code-test}}
+listeners:
+  - {{name: a, description: d, payload: schemas/item.xsd, handler: "{module}:first"}}
+  - {{name: b, description: d, payload: schemas/item.xsd, handler: "{module}:second"}}
+""", schemas={"item.xsd": ITEM_XSD}, modules={module: source(first="x", second="y",
+                                                                 suffix="!")})
+    handlers_file = path.parent / f"{module}.py"
+    log = await open_file_log(tmp_path / "events")
+    try:
+        async with open_pump(load_organism(path), log) as pump:
+            async def edit(text: str) -> dict[str, list[str]]:
+                handlers_file.write_text(text)
+                result = await reload_organism(pump)
+                assert result.success, result.error
+                return result.changes
+
+            # Lines moved by a new function above: neither handler changed.
+            assert await edit(source(first="x", second="y", suffix="!",
+                                     above="async def unused(payload, ctx):\n    pass\n")
+                              ) == {}
+            assert await edit(source(first="x", second="z", suffix="!")) == {
+                "b": ["handler_code"]}
+            assert await edit(source(first="w", second="z", suffix="!")) == {
+                "a": ["handler_code"]}
+            # A helper or a constant the handler uses is part of its code.
+            assert await edit(source(first="w", second="z", suffix="?")) == {
+                "b": ["handler_code"]}
+    finally:
+        await log.aclose()
+
+
+def test_a_reload_that_changes_nothing_says_no_change() -> None:
+    assert ReloadResult(success=True).describe() == "no change"
+    assert ReloadResult(success=True, settings=("api",), restart_needed=("api.port",)
+                        ).describe() == "changed api (api.port takes effect after a restart)"
+    assert ReloadResult(success=True, added=("c", "d"), removed=("b",), updated=("a",),
+                        changes={"a": ["peers", "handler_code"]}).describe() == (
+        "added 'c', 'd'; removed 'b'; updated 'a' (peers, handler_code)")
+
+
+async def test_the_cli_says_no_change(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                      ) -> None:
+    from tests.api_server import running_server
+    from xml_pipeline.cli import main
+
+    module, path = new_organism(tmp_path / "org")
+    async with running_server(load_organism(path), tmp_path / "events") as (base, _):
+        code = await asyncio.to_thread(main, ["reload", "--url", base])
+        assert (code, capsys.readouterr().out) == (0, "reloaded: no change\n")
+        # No listener changed, but the organism did: that is not "no change".
+        path.write_text(path.read_text().replace(
+            "organism: {name: reload-test}",
+            "organism: {name: reload-test, budgets: {thread_tokens: 5000}}"))
+        code = await asyncio.to_thread(main, ["reload", "--url", base])
+        assert (code, capsys.readouterr().out) == (
+            0, "reloaded: added none, removed none, updated none, changed budgets\n")
+
+
+# ------------------------------------------------------------------ listeners that come back
+
+
+async def test_a_paused_listener_removed_and_added_back_runs(tmp_path: Path) -> None:
+    module, path = new_organism(tmp_path / "org")
+    log = await open_file_log(tmp_path / "events")
+    try:
+        async with open_pump(load_organism(path), log) as pump:
+            await pump.pause("b", by="test")
+            path.write_text(organism_yaml(module, with_b=False))
+            assert (await reload_organism(pump)).removed == ("b",)
+            path.write_text(organism_yaml(module))
+            assert (await reload_organism(pump)).added == ("b",)
+            b = pump.state.agents.agents["b"]
+            assert (b.status, b.paused_by, b.paused_at) == ("running", None, None)
+            await pump.inject(item(1), to="b")
+            await pump.wait_idle()
+            assert pump.state.agents.agents["b"].succeeded == 1
+        replayed = (await replay(log)).agents.agents["b"]
+        assert (replayed.status, replayed.paused_by, replayed.paused_at) == (
+            "running", None, None)
+    finally:
+        await log.aclose()
+
+
+def test_the_reload_doc_gives_the_debounce_of_the_code() -> None:
+    from tests.conftest import ROOT
+    from xml_pipeline.reload import DEBOUNCE_MS
+
+    text = (ROOT / "docs" / "reload.md").read_text()
+    figures = {int(n) for sentence in re.split(r"(?<=\.)\s", text) if "debounc" in sentence
+               for n in re.findall(r"(\d+) ms", sentence)}
+    assert figures == {DEBOUNCE_MS}

@@ -14,6 +14,7 @@ importable for ``handler: module:function``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import inspect
@@ -296,16 +297,16 @@ def _file_digest(module: ModuleType) -> str | None:
 
 
 def _import_fresh(name: str) -> ModuleType:
-    """Import a handler module; if it was imported before and its file changed since, reload
-    it, so that a reload of organism.yaml picks up edited handler code. Only the named module
-    is reloaded, not modules it imports."""
+    """Import a handler module, or reload it if its file changed since it was imported (so a
+    reload picks up edited handler code); only that module, not the modules it imports."""
     module = sys.modules.get(name)
     if module is None:
         module = importlib.import_module(name)
-    else:
-        digest = _file_digest(module)
-        if digest is not None and _module_digests.get(name) not in (None, digest):
-            module = importlib.reload(module)
+    elif (digest := _file_digest(module)) and _module_digests.get(name) not in (None, digest):
+        # Bytecode is reused if size and mtime (whole seconds) match: a quick edit may not.
+        with contextlib.suppress(AttributeError, OSError, TypeError):
+            Path(module.__cached__).unlink(missing_ok=True)
+        module = importlib.reload(module)
     digest = _file_digest(module)
     if digest is not None:
         _module_digests[name] = digest

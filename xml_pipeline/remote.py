@@ -187,10 +187,14 @@ def remote_command(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
-    if args.command == "reload":
+    if args.command == "reload" and not (result["added"] or result["removed"]
+                                         or result["updated"] or result.get("settings")):
+        print("reloaded: no change")
+    elif args.command == "reload":
         none = "none"
+        settings = f", changed {', '.join(result['settings'])}" if result.get("settings") else ""
         print(f"reloaded: added {result['added'] or none}, removed {result['removed'] or none}"
-              f", updated {result['updated'] or none}")
+              f", updated {result['updated'] or none}{settings}")
     elif args.command == "threads":
         print(f"{result['count']} of {result['total']} threads")
         for t in result["threads"]:

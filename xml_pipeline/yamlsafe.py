@@ -337,9 +337,38 @@ def _yaml_problem(file: str, text: str, exc: yaml.YAMLError) -> Problem:
     mark = getattr(exc, "problem_mark", None)
     reason = getattr(exc, "problem", None) or str(exc)
     context = getattr(exc, "context", None)
+    opened = getattr(exc, "context_mark", None)
+    at = None if mark is None else _line(text, mark)
+    unclosed = _UNCLOSED.get(context or "")
+    if unclosed is not None and opened is not None:
+        # PyYAML notices an unclosed bracket or quote where the text no longer fits, often
+        # lines later (or at the end of the file): name the line where it opens.
+        what, close = unclosed
+        start = opened.line + 1
+        noticed = f"on line {at}: " if at is not None else ""
+        return Problem(file=file, line=start, message=(
+            f"This is not valid YAML: the {what} opened on line {start} is not closed "
+            f"({noticed}{reason}); close it with {close}."))
     detail = f"{reason} ({context})" if context else str(reason)
-    return Problem(file=file, line=mark.line + 1 if mark else None,
-                   message=f"This is not valid YAML: {detail}.")
+    return Problem(file=file, line=at, message=f"This is not valid YAML: {detail}.")
+
+
+#: PyYAML's context for a construct that opens with a bracket or quote and must be closed:
+#: what it is, and what closes it.
+_UNCLOSED = {
+    "while parsing a flow sequence": ("flow sequence '['", "']'"),
+    "while parsing a flow mapping": ("flow mapping '{'", "'}'"),
+    "while scanning a quoted scalar": ("quoted scalar", "its quote"),
+}
+
+
+def _line(text: str, mark: yaml.Mark) -> int:
+    """The 1-based line of ``mark``. A mark at the very end of a file that ends with a line
+    break is on the line after the last one: that is the last line."""
+    line = mark.line + 1
+    if mark.index >= len(text) and line > 1 and _LINE_BREAK.search(text[-2:]):
+        line -= 1
+    return line
 
 
 def did_you_mean(word: str, choices: Any) -> str:

@@ -284,7 +284,7 @@ async def reload(request: Request) -> Response:
     body = {"success": result.success, "added": list(result.added),
             "removed": list(result.removed), "updated": list(result.updated),
             "changes": result.changes, "error": result.error,
-            "restart_needed": list(result.restart_needed)}
+            "restart_needed": list(result.restart_needed), "settings": list(result.settings)}
     return JSONResponse(body, status_code=200 if result.success else 422)
 
 

@@ -409,6 +409,9 @@ schemas:
       removed: {$ref: '#/components/schemas/Names'}
       updated: {$ref: '#/components/schemas/Names'}
       changes: {type: object, additionalProperties: {$ref: '#/components/schemas/Names'}}
+      settings:
+        description: organism-wide sections that changed (budgets, limits, ...)
+        allOf: [{$ref: '#/components/schemas/Names'}]
       error: {type: string, nullable: true}
   Success:
     type: object

@@ -2,7 +2,16 @@
 
 The organism in force at any position is the last ``OrganismLoaded``/``OrganismReloaded``
 before it; each listener's status (``running``, ``paused``, ``removed``) and counters follow
-from delivery events and ``AgentPaused``/``AgentResumed``.
+from delivery events and ``AgentPaused``/``AgentResumed``. A removed listener is not paused:
+one added back by a later reload runs, with no ``paused_by``/``paused_at``.
+
+``started_at`` is the last ``OrganismStarted``; ``loaded_at`` is when the organism in force
+was put in force by this process: at its start (``OrganismStarted``: the process loaded and
+checked the files) or at a later reload, so ``loaded_at >= started_at`` always holds.
+``last_reload_error`` is the error of the last reload if it was rejected; a reload that
+succeeds (``OrganismReloaded``, recorded also when the files are merely good again) or a start
+(which loads and checks the same files) clears it. ``reloads_rejected`` counts every rejected
+reload in the log.
 """
 
 from __future__ import annotations
@@ -69,7 +78,8 @@ def evolve(event: Event, state: Agents, position: int) -> Agents:
 @evolve.register
 def _(event: OrganismStarted, state: Agents, position: int) -> Agents:
     state.status = "running"
-    state.started_at = event.at
+    state.started_at = state.loaded_at = event.at
+    state.last_reload_error = None
     state.starts += 1
     return state
 
@@ -81,6 +91,7 @@ def _load(state: Agents, at: float, name: str, digest: str, budgets: dict[str, i
     for agent_name, info in state.agents.items():
         if agent_name not in listeners:
             info.status = "removed"
+            info.paused_by = info.paused_at = None
     for agent_name, config in listeners.items():
         known = state.agents.get(agent_name)
         if known is None:
@@ -101,6 +112,7 @@ def _(event: OrganismLoaded, state: Agents, position: int) -> Agents:
 def _(event: OrganismReloaded, state: Agents, position: int) -> Agents:
     _load(state, event.at, event.name, event.digest, event.budgets, event.listeners)
     state.reloads += 1
+    state.last_reload_error = None
     return state
 
 

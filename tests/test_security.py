@@ -490,6 +490,59 @@ async def test_without_a_token_a_cross_site_websocket_is_refused(organism: Organ
     assert first is None, f"a foreign page read the event log: {first['type']}"
 
 
+async def _ws_first_event(base: str, origin: str) -> dict[str, Any] | None:
+    """The first event a page of ``origin`` reads over the WebSocket, None if refused."""
+    ws = base.replace("http", "ws", 1) + "/api/v1/ws"
+    try:
+        async with connect(ws, origin=origin) as socket:  # type: ignore[arg-type]
+            await socket.send(json.dumps({"subscribe": {"after": 0}}))
+            await socket.recv()
+            event: dict[str, Any] = json.loads(await socket.recv())
+            return event
+    except InvalidStatus as exc:
+        assert exc.response.status_code == 403
+        return None
+
+
+# A sandboxed iframe or a data: page sends 'null'; a page on another local port is another site.
+NOT_OWN_ORIGINS = ["null", "http://127.0.0.1:1", "http://localhost", "file://"]
+
+
+@pytest.mark.parametrize("origin", NOT_OWN_ORIGINS)
+async def test_without_a_token_an_origin_that_is_not_the_servers_own_is_cross_site(
+        organism: Organism, tmp_path: Path, origin: str) -> None:
+    async with running_server(organism, tmp_path / "events") as (base, stop), \
+            httpx.AsyncClient(base_url=base) as browser:
+        await browser.post("/api/v1/inject", json={"to": "third", "payload": item(1)})
+        headers = {"Origin": origin, "Content-Type": "text/plain"}
+        stopped = await browser.post("/api/v1/organism/stop", content=b"x", headers=headers)
+        was_stopped = stop.is_set()
+        first = await _ws_first_event(base, origin)
+    assert stopped.status_code == 403 and not was_stopped
+    error = stopped.json()["error"]
+    assert error["code"] == "forbidden_origin"
+    assert error["message"] == (
+        f"Requests from a page of {origin!r} are refused: without an API token only this "
+        f"machine's own clients and this server's own pages ({base}) may use the API. Set "
+        "XML_PIPELINE_API_TOKEN to allow others.")
+    assert first is None, f"a page of {origin!r} read the event log: {first}"
+
+
+async def test_without_a_token_the_servers_own_pages_are_served(organism: Organism,
+                                                               tmp_path: Path) -> None:
+    async with running_server(organism, tmp_path / "events") as (base, stop), \
+            httpx.AsyncClient(base_url=base) as browser:
+        paused = await browser.post("/api/v1/agents/third/pause", headers={"Origin": base})
+        first = await _ws_first_event(base, base)
+        # The page's origin is compared with the Host it asked for, without regard to case.
+        port = base.rsplit(":", 1)[1]
+        named = await browser.get("/api/v1/agents", headers={
+            "Host": f"localhost:{port}", "Origin": f"HTTP://LOCALHOST:{port}/"})
+    assert paused.status_code == 200
+    assert first is not None and first["type"] == "OrganismStarted"
+    assert named.status_code == 200
+
+
 async def test_without_a_token_a_foreign_host_name_is_refused(organism: Organism,
                                                              tmp_path: Path) -> None:
     async with running_server(organism, tmp_path / "events") as (base, _), \

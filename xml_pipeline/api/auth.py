@@ -15,6 +15,7 @@ import hmac
 import re
 import uuid
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -100,24 +101,51 @@ class AuthMiddleware:
 
 
 _LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_PAGE_SCHEMES = {"ws": "http", "wss": "https"}
 
 
 def _hostname(value: str) -> str:
-    """The host of a ``Host`` header or of an ``Origin`` URL, without port or scheme."""
+    """The host of a ``Host`` header, without its port."""
     value = value.strip().lower()
-    if "://" in value:
-        value = value.split("://", 1)[1]
-    value = value.split("/", 1)[0]
     if value.startswith("["):
         return value.split("]", 1)[0] + "]"
     return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
 
 
+def _origin(url: str) -> tuple[str, str, int] | None:
+    """``(scheme, host, port)`` of an http(s) URL, None for anything else (``null``, ``file:``,
+    a malformed value)."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS or not parts.hostname:
+        return None
+    return scheme, parts.hostname, port if port is not None else _DEFAULT_PORTS[scheme]
+
+
+def _same_origin(a: str, b: str) -> bool:
+    origin = _origin(a)
+    return origin is not None and origin == _origin(b)
+
+
+def _own_origin(scope: Scope, host: str) -> str:
+    """This server's own origin as the client addressed it (the scheme and ``Host``)."""
+    scheme = scope.get("scheme", "http")
+    return f"{_PAGE_SCHEMES.get(scheme, scheme)}://{host}"
+
+
 class LocalOnlyMiddleware:
     """Without a token, only this machine may talk to the API: a ``Host`` that is not a
-    loopback name (DNS rebinding) or an ``Origin`` of another site (a web page making the
-    browser post to 127.0.0.1, or opening a WebSocket) gets 403. With a token, the token
-    decides and this guard stands aside."""
+    loopback name (DNS rebinding) gets 403, and so does a request with an ``Origin`` that is
+    not this server's own (scheme, host and port of the ``Host`` it asked for). That covers a
+    web page making the browser post to 127.0.0.1 or open a WebSocket, a page on another local
+    port, and the ``null`` origin of a sandboxed frame or a ``data:`` or ``file:`` page. Clients
+    that are not browsers send no ``Origin``. With a token, the token decides and this guard
+    stands aside."""
 
     def __init__(self, app: ASGIApp, *, token: str | None) -> None:
         self.app = app
@@ -128,22 +156,26 @@ class LocalOnlyMiddleware:
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
-        host = _hostname(headers.get("host", "127.0.0.1"))
+        host_header = headers.get("host", "127.0.0.1")
+        host = _hostname(host_header)
         origin = headers.get("origin")
-        if host in _LOOPBACK_NAMES and (origin is None or origin == "null"
-                                        or _hostname(origin) in _LOOPBACK_NAMES):
+        own = _own_origin(scope, host_header.strip())
+        if host in _LOOPBACK_NAMES and (origin is None or _same_origin(origin, own)):
             await self.app(scope, receive, send)
             return
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008,
-                        "reason": "only local pages may connect without a token"})
+                        "reason": "only this server's own pages may connect without a token"})
             return
-        what = (f"the Host {headers.get('host')!r}" if host not in _LOOPBACK_NAMES
-                else f"a page of {origin!r}")
+        if host not in _LOOPBACK_NAMES:
+            what = (f"the Host {host_header!r} are refused: without an API token only this "
+                    "machine's own clients may use the API.")
+        else:
+            what = (f"a page of {origin!r} are refused: without an API token only this "
+                    f"machine's own clients and this server's own pages ({own}) may use the "
+                    "API.")
         await _send_error(scope, send, 403, "forbidden_origin",
-                          f"Requests from {what} are refused: without an API token only this "
-                          f"machine's own clients may use the API. Set {TOKEN_ENV} to allow "
-                          "others.")
+                          f"Requests from {what} Set {TOKEN_ENV} to allow others.")
 
 
 class RequestLimitMiddleware:

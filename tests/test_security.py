@@ -374,7 +374,8 @@ def test_organism_yaml_cannot_carry_a_secret(tmp_path: Path) -> None:
     with pytest.raises(OrganismError) as info:
         load_organism(path)
     assert info.value.message.splitlines()[1:] == [
-        f"  {path}:2: Unknown key 'token' in organism.api. Allowed keys: host, port, max_requests.",
+        f"  {path}:2: Unknown key 'token' in organism.api. Allowed keys: host, port, "
+        "max_requests, body_timeout.",
         f"  {path}:7: Unknown key 'api_key' in listeners[0].agent. Allowed keys: model, "
         "system, max_tokens, temperature, prices."]
 

@@ -125,6 +125,9 @@ async def test_restart_gives_the_same_answers(organism: Organism, tmp_path: Path
     assert state["position"] > before["/organism/state"]["position"]  # Stopped/Started
 
 
+XML = {"Content-Type": "application/xml"}
+ENVELOPE = ('<message xmlns="urn:xml-pipeline:envelope:v1"><meta><to>{to}</to></meta>'
+            '<Item xmlns=""><n>1</n></Item></message>')
 BAD_INPUTS = [
     ("unknown listener", {"json": {"to": "nobody", "payload": "<Item><n>1</n></Item>"}},
      404, "unknown_listener", "There is no listener 'nobody' in organism 'pump-test'."),
@@ -147,6 +150,17 @@ BAD_INPUTS = [
      400, "invalid_request", "The JSON body is not valid: 'payload' (XML text or an object)"),
     ("dict that does not fit", {"json": {"to": "third", "payload": {"m": 1}}},
      422, "invalid_payload", "The dict does not fit <Item> (item.xsd)"),
+    # 300 kB of JSON that is 1.2 MB as XML: the cap is on the payload, whatever its form.
+    ("dict over the cap", {"json": {"to": "third", "payload": {"n": "<" * 300_000}}},
+     413, "xml_too_large", "The payload <Item> is 1200026 bytes as XML, over the limit of "
+                           "1048576 bytes; send a smaller payload or raise limits.max_bytes in "
+                           "organism.yaml."),
+    *[(f"envelope to {name}", {"content": ENVELOPE.format(to=name).encode(), "headers": XML},
+       404, "unknown_listener", f"There is no listener {name!r} in organism 'pump-test'.")
+      for name in ("api", "cli", "system")],
+    ("payload to api", {"content": b"<Item><n>1</n></Item>", "params": {"to": "api"},
+                        "headers": XML},
+     404, "unknown_listener", "There is no listener 'api' in organism 'pump-test'."),
 ]
 
 

@@ -613,11 +613,23 @@ async def selfish(payload, ctx):
 
 
 async def sneaky(payload, ctx):
+    if ctx.sender != "api":  # the SystemErrors its refused sends earn
+        return
+    await ctx.send("replier", "<Item><n>1</n></Item>")
     big = etree.Element("Item")
     etree.SubElement(big, "n").text = "x" * 10_000  # built in memory: never parsed
     await ctx.send("sink", big)
-    # The private send function with is_reply=True skips the peer check.
+    await ctx.send("sink", {"n": "x" * 10_000})
+    await ctx.reply(big)
+    # The private send function with is_reply=True is a reply to the sender only.
     await ctx._send("outsider", "<Item><n>1</n></Item>", True)
+    for name in ("system", "cli"):
+        await ctx._send(name, "<Item><n>1</n></Item>", True)
+
+
+async def replier(payload, ctx):
+    if ctx.sender == "sneaky":
+        await ctx.reply({"n": "x" * 10_000})
 """
 
 
@@ -629,7 +641,8 @@ def handler_organism(module: str) -> str:
     return ("organism: {name: security, limits: {max_bytes: 4096, max_depth: 16}}\n"
             "listeners:\n"
             + listener("mischief", "mischief", "sink") + listener("flood", "flood", "sink")
-            + listener("sneaky", "sneaky", "sink") + listener("ping", "ping", "pong")
+            + listener("sneaky", "sneaky", "sink, replier") + listener("replier", "replier")
+            + listener("ping", "ping", "pong")
             + listener("pong", "ping", "ping") + listener("outsider", "sink")
             + listener("sink", "sink")
             + listener("selfish", "selfish", "selfish").replace("}", ", timeout: 200ms}"))
@@ -697,13 +710,31 @@ async def test_a_handler_sending_to_a_full_mailbox_waits_instead_of_queueing_mor
     assert pump.state.agents.agents["sink"].succeeded == 12
 
 
-async def test_limit_a_handler_is_trusted_code(bus: tuple[Pump, FileLog, Path]) -> None:
+async def test_a_handler_payload_of_any_form_has_the_size_cap_and_replies_go_to_the_sender(
+        bus: tuple[Pump, FileLog, Path]) -> None:
+    """An element built in memory or a dict, sent or as a reply, is held to
+    ``limits.max_bytes`` as text is; the private send function cannot address a name other
+    than the sender's as a reply (nor the bus's own names at all)."""
     pump, log, _ = bus
     await pump.inject(item(1), to="sneaky")
     await pump.wait_idle()
-    sent = {m.to: m for m in await accepted_in(log) if m.sender == "sneaky"}
-    assert set(sent) == {"sink", "outsider"}  # 'outsider' is not among its peers
-    assert len(sent["sink"].envelope.encode()) > pump.organism.limits.max_bytes
+    rejected = [r.event async for r in log.read() if isinstance(r.event, MessageRejected)]
+    assert sorted((r.sender, r.to, r.reason) for r in rejected) == [
+        ("replier", "sneaky", "xml_too_large"),
+        ("sneaky", "api", "xml_too_large"),
+        ("sneaky", "cli", "unknown_listener"),
+        ("sneaky", "outsider", "undeclared_peer"),
+        ("sneaky", "sink", "xml_too_large"), ("sneaky", "sink", "xml_too_large"),
+        ("sneaky", "system", "unknown_listener")]
+    assert {r.error for r in rejected if r.reason == "xml_too_large"} == {
+        f"The payload <Item> is {size} bytes as XML, over the limit of 4096 bytes; send a "
+        "smaller payload or raise limits.max_bytes in organism.yaml."
+        for size in (10020, 10026)}  # the element; the dict (xmlschema writes some newlines)
+    sent = [(m.sender, m.to) for m in await accepted_in(log) if m.sender != "system"]
+    assert sorted(sent) == [("api", "sneaky"), ("sneaky", "replier")]
+    # Each refusal came back to its sender as a SystemError.
+    errors = [m.to for m in await accepted_in(log) if m.sender == "system"]
+    assert sorted(errors) == ["replier"] + ["sneaky"] * 6
 
 
 async def test_limit_a_handler_that_fills_its_own_mailbox_waits_until_its_timeout(

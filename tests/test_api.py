@@ -262,3 +262,31 @@ async def test_read_endpoints_and_metrics(organism: Organism, tmp_path: Path) ->
         spec = (await http.get("/openapi.json")).json()
         assert "/inject" in spec["paths"] and "/threads/{thread_id}/messages" in spec["paths"]
         assert "post" in spec["paths"]["/agents/{name}/pause"]
+
+
+async def test_the_total_of_messages_honours_the_filters(organism: Organism,
+                                                         tmp_path: Path) -> None:
+    async with running_server(organism, tmp_path / "events") as (base, _), client(base) as http:
+        for k in range(3):
+            await http.post("/inject", json={"to": "third", "payload": {"n": str(k)}})
+        await http.post("/inject", json={"to": "first", "payload": {"n": "3"}})
+        await http.get("/organism/state")  # waits until idle: first -> second -> third
+        everything = (await http.get("/messages", params={"limit": 1000})).json()["messages"]
+        assert len(everything) == 6
+
+        def matching(agent: str | None, after: int) -> list[dict[str, Any]]:
+            return [m for m in everything if m["position"] > after
+                    and (agent is None or agent in (m["sender"], m["to"]))]
+
+        middle = everything[2]["position"]
+        for agent, after in (("third", 0), ("first", 0), ("nobody", 0), (None, middle),
+                             ("third", middle)):
+            params: dict[str, Any] = {"limit": 1, "after": after}
+            if agent is not None:
+                params["agent"] = agent
+            answer = (await http.get("/messages", params=params)).json()
+            expected = matching(agent, after)
+            assert answer["total"] == len(expected), (agent, after)
+            assert [m["message_id"] for m in answer["messages"]] == [
+                m["message_id"] for m in expected[:1]]
+        assert (await http.get("/messages", params={"limit": 1})).json()["total"] == 6

@@ -125,6 +125,9 @@ async def test_restart_gives_the_same_answers(organism: Organism, tmp_path: Path
     assert state["position"] > before["/organism/state"]["position"]  # Stopped/Started
 
 
+XML = {"Content-Type": "application/xml"}
+ENVELOPE = ('<message xmlns="urn:xml-pipeline:envelope:v1"><meta><to>{to}</to></meta>'
+            '<Item xmlns=""><n>1</n></Item></message>')
 BAD_INPUTS = [
     ("unknown listener", {"json": {"to": "nobody", "payload": "<Item><n>1</n></Item>"}},
      404, "unknown_listener", "There is no listener 'nobody' in organism 'pump-test'."),
@@ -147,6 +150,17 @@ BAD_INPUTS = [
      400, "invalid_request", "The JSON body is not valid: 'payload' (XML text or an object)"),
     ("dict that does not fit", {"json": {"to": "third", "payload": {"m": 1}}},
      422, "invalid_payload", "The dict does not fit <Item> (item.xsd)"),
+    # 300 kB of JSON that is 1.2 MB as XML: the cap is on the payload, whatever its form.
+    ("dict over the cap", {"json": {"to": "third", "payload": {"n": "<" * 300_000}}},
+     413, "xml_too_large", "The payload <Item> is 1200026 bytes as XML, over the limit of "
+                           "1048576 bytes; send a smaller payload or raise limits.max_bytes in "
+                           "organism.yaml."),
+    *[(f"envelope to {name}", {"content": ENVELOPE.format(to=name).encode(), "headers": XML},
+       404, "unknown_listener", f"There is no listener {name!r} in organism 'pump-test'.")
+      for name in ("api", "cli", "system")],
+    ("payload to api", {"content": b"<Item><n>1</n></Item>", "params": {"to": "api"},
+                        "headers": XML},
+     404, "unknown_listener", "There is no listener 'api' in organism 'pump-test'."),
 ]
 
 
@@ -248,3 +262,31 @@ async def test_read_endpoints_and_metrics(organism: Organism, tmp_path: Path) ->
         spec = (await http.get("/openapi.json")).json()
         assert "/inject" in spec["paths"] and "/threads/{thread_id}/messages" in spec["paths"]
         assert "post" in spec["paths"]["/agents/{name}/pause"]
+
+
+async def test_the_total_of_messages_honours_the_filters(organism: Organism,
+                                                         tmp_path: Path) -> None:
+    async with running_server(organism, tmp_path / "events") as (base, _), client(base) as http:
+        for k in range(3):
+            await http.post("/inject", json={"to": "third", "payload": {"n": str(k)}})
+        await http.post("/inject", json={"to": "first", "payload": {"n": "3"}})
+        await http.get("/organism/state")  # waits until idle: first -> second -> third
+        everything = (await http.get("/messages", params={"limit": 1000})).json()["messages"]
+        assert len(everything) == 6
+
+        def matching(agent: str | None, after: int) -> list[dict[str, Any]]:
+            return [m for m in everything if m["position"] > after
+                    and (agent is None or agent in (m["sender"], m["to"]))]
+
+        middle = everything[2]["position"]
+        for agent, after in (("third", 0), ("first", 0), ("nobody", 0), (None, middle),
+                             ("third", middle)):
+            params: dict[str, Any] = {"limit": 1, "after": after}
+            if agent is not None:
+                params["agent"] = agent
+            answer = (await http.get("/messages", params=params)).json()
+            expected = matching(agent, after)
+            assert answer["total"] == len(expected), (agent, after)
+            assert [m["message_id"] for m in answer["messages"]] == [
+                m["message_id"] for m in expected[:1]]
+        assert (await http.get("/messages", params={"limit": 1})).json()["total"] == 6

@@ -388,9 +388,8 @@ async def test_every_operation_answers_what_its_guards_declare(
             else:
                 assert (await http.request(method, url, headers=elsewhere)
                         ).status_code == 403, url
-            if url != "/inject":  # inject reads its body to record what it refuses
-                huge = {"Content-Length": str(10 * organism.limits.max_bytes)}
-                assert await _raw_status(base, method, url, huge) == 413, url
+            huge = {"Content-Length": str(10 * organism.limits.max_bytes)}
+            assert await _raw_status(base, method, url, huge) == 413, url
         for method, path, _ in operations(spec):
             if "{" in path:  # a line break in a path parameter matches no route
                 response = await http.request(method, _url(path, {
@@ -429,6 +428,24 @@ async def test_every_counted_operation_answers_503_while_the_server_is_full(
         assert not stop.is_set()  # POST /organism/stop was refused too
         handlers.gate.set()
         assert (await held).status_code == 200
+
+
+async def test_every_counted_operation_answers_408_to_a_body_that_does_not_arrive(
+        tmp_path: Path) -> None:
+    handlers.reset()
+    organism = load_organism(write_organism(tmp_path / "org", ORGANISM.replace(
+        "organism: {name: pump-test}", "organism: {name: pump-test, api: {body_timeout: 50ms}}"),
+        schemas={"item.xsd": ITEM_XSD}))
+    spec = await served(organism, tmp_path / "first")
+    known = {"name": "third", "thread_id": "t", "model": "m", "message_id": "m"}
+    async with running_server(organism, tmp_path / "events") as (base, stop):
+        for method, path, operation in operations(spec):
+            timed = "408" in operation["responses"]
+            assert timed == (path != "/events"), path
+            if timed:  # ten bytes announced, none sent
+                assert await _raw_status(base, method, _url(path, known),
+                                         {"Content-Length": "10"}) == 408, path
+        assert not stop.is_set()  # POST /organism/stop was refused too
 
 
 class _Recording(QueryParams):

@@ -12,6 +12,7 @@ import pytest
 
 from tests import handlers
 from tests.conftest import write_organism
+from xml_pipeline.envelope import ENVELOPE_NS
 from xml_pipeline.errors import (
     EnvelopeError,
     MailboxFullError,
@@ -338,3 +339,53 @@ async def test_a_lone_surrogate_from_a_handler_is_recorded_not_fatal(pump: Pump,
     await pump.inject(item(2), to="third")  # the log still takes appends
     await pump.wait_idle()
     assert [s["n"] for s in handlers.seen] == ["2"]
+
+
+# ------------------------------------------------------------ the bus's own names
+
+@pytest.mark.parametrize("name", ["api", "cli", "system"])
+async def test_an_envelope_for_a_name_of_the_bus_is_refused_like_an_unknown_listener(
+        pump: Pump, log: FileLog, name: str) -> None:
+    """``api``, ``cli`` and ``system`` only ever receive replies: as the ``to`` of an envelope
+    they are no listener, as with ``to=``."""
+    envelope = (f'<message xmlns="{ENVELOPE_NS}"><meta><to>{name}</to></meta>'
+                '<Item xmlns=""><n>1</n></Item></message>')
+    refusals = []
+    for data, to in ((envelope, None), (item(1), name)):
+        with pytest.raises(UnknownListenerError) as info:
+            await pump.inject(data, to=to)
+        refusals.append(info.value.message)
+    assert refusals[0] == refusals[1]
+    assert refusals[0].startswith(f"There is no listener {name!r} in organism 'pump-test'.")
+    rejected = await events_of(log, MessageRejected)
+    assert [(r.reason, r.to) for r in rejected] == [("unknown_listener", name)] * 2
+    assert await events_of(log, MessageAccepted) == []
+    assert pump.state.threads.threads == {}
+
+
+# ------------------------------------------------------------ what the log holds is read back
+
+SMALL = ORGANISM.replace("organism: {name: pump-test}",
+                         "organism: {name: pump-test, limits: {max_bytes: 4096}}")
+
+
+async def test_a_queued_message_at_the_size_cap_is_delivered_after_a_restart(
+        tmp_path: Path) -> None:
+    """The envelope around a payload of ``limits.max_bytes`` is larger than the cap, and the
+    cap may be lowered before the restart: the bus reads back what it accepted regardless."""
+    path = write_organism(tmp_path / "org", SMALL, schemas={"item.xsd": ITEM_XSD})
+    log = await open_file_log(tmp_path / "events")
+    async with open_pump(load_organism(path), log) as pump:
+        await pump.pause("third", by="test")
+        at_cap = "<Item><n>" + "x" * (4096 - 20) + "</n></Item>"
+        accepted = await pump.inject(at_cap, to="third")
+    await log.aclose()
+    path.write_text(path.read_text().replace("max_bytes: 4096", "max_bytes: 256"))
+    handlers.reset()
+    log = await open_file_log(tmp_path / "events")
+    async with open_pump(load_organism(path), log) as pump:
+        await pump.resume("third", by="test")
+        await pump.wait_idle()
+    await log.aclose()
+    assert [(s["message_id"], len(s["n"])) for s in handlers.seen] == [
+        (accepted.message_id, 4096 - 20)]

@@ -374,7 +374,8 @@ def test_organism_yaml_cannot_carry_a_secret(tmp_path: Path) -> None:
     with pytest.raises(OrganismError) as info:
         load_organism(path)
     assert info.value.message.splitlines()[1:] == [
-        f"  {path}:2: Unknown key 'token' in organism.api. Allowed keys: host, port, max_requests.",
+        f"  {path}:2: Unknown key 'token' in organism.api. Allowed keys: host, port, "
+        "max_requests, body_timeout.",
         f"  {path}:7: Unknown key 'api_key' in listeners[0].agent. Allowed keys: model, "
         "system, max_tokens, temperature, prices."]
 
@@ -490,6 +491,59 @@ async def test_without_a_token_a_cross_site_websocket_is_refused(organism: Organ
     assert first is None, f"a foreign page read the event log: {first['type']}"
 
 
+async def _ws_first_event(base: str, origin: str) -> dict[str, Any] | None:
+    """The first event a page of ``origin`` reads over the WebSocket, None if refused."""
+    ws = base.replace("http", "ws", 1) + "/api/v1/ws"
+    try:
+        async with connect(ws, origin=origin) as socket:  # type: ignore[arg-type]
+            await socket.send(json.dumps({"subscribe": {"after": 0}}))
+            await socket.recv()
+            event: dict[str, Any] = json.loads(await socket.recv())
+            return event
+    except InvalidStatus as exc:
+        assert exc.response.status_code == 403
+        return None
+
+
+# A sandboxed iframe or a data: page sends 'null'; a page on another local port is another site.
+NOT_OWN_ORIGINS = ["null", "http://127.0.0.1:1", "http://localhost", "file://"]
+
+
+@pytest.mark.parametrize("origin", NOT_OWN_ORIGINS)
+async def test_without_a_token_an_origin_that_is_not_the_servers_own_is_cross_site(
+        organism: Organism, tmp_path: Path, origin: str) -> None:
+    async with running_server(organism, tmp_path / "events") as (base, stop), \
+            httpx.AsyncClient(base_url=base) as browser:
+        await browser.post("/api/v1/inject", json={"to": "third", "payload": item(1)})
+        headers = {"Origin": origin, "Content-Type": "text/plain"}
+        stopped = await browser.post("/api/v1/organism/stop", content=b"x", headers=headers)
+        was_stopped = stop.is_set()
+        first = await _ws_first_event(base, origin)
+    assert stopped.status_code == 403 and not was_stopped
+    error = stopped.json()["error"]
+    assert error["code"] == "forbidden_origin"
+    assert error["message"] == (
+        f"Requests from a page of {origin!r} are refused: without an API token only this "
+        f"machine's own clients and this server's own pages ({base}) may use the API. Set "
+        "XML_PIPELINE_API_TOKEN to allow others.")
+    assert first is None, f"a page of {origin!r} read the event log: {first}"
+
+
+async def test_without_a_token_the_servers_own_pages_are_served(organism: Organism,
+                                                               tmp_path: Path) -> None:
+    async with running_server(organism, tmp_path / "events") as (base, stop), \
+            httpx.AsyncClient(base_url=base) as browser:
+        paused = await browser.post("/api/v1/agents/third/pause", headers={"Origin": base})
+        first = await _ws_first_event(base, base)
+        # The page's origin is compared with the Host it asked for, without regard to case.
+        port = base.rsplit(":", 1)[1]
+        named = await browser.get("/api/v1/agents", headers={
+            "Host": f"localhost:{port}", "Origin": f"HTTP://LOCALHOST:{port}/"})
+    assert paused.status_code == 200
+    assert first is not None and first["type"] == "OrganismStarted"
+    assert named.status_code == 200
+
+
 async def test_without_a_token_a_foreign_host_name_is_refused(organism: Organism,
                                                              tmp_path: Path) -> None:
     async with running_server(organism, tmp_path / "events") as (base, _), \
@@ -559,11 +613,23 @@ async def selfish(payload, ctx):
 
 
 async def sneaky(payload, ctx):
+    if ctx.sender != "api":  # the SystemErrors its refused sends earn
+        return
+    await ctx.send("replier", "<Item><n>1</n></Item>")
     big = etree.Element("Item")
     etree.SubElement(big, "n").text = "x" * 10_000  # built in memory: never parsed
     await ctx.send("sink", big)
-    # The private send function with is_reply=True skips the peer check.
+    await ctx.send("sink", {"n": "x" * 10_000})
+    await ctx.reply(big)
+    # The private send function with is_reply=True is a reply to the sender only.
     await ctx._send("outsider", "<Item><n>1</n></Item>", True)
+    for name in ("system", "cli"):
+        await ctx._send(name, "<Item><n>1</n></Item>", True)
+
+
+async def replier(payload, ctx):
+    if ctx.sender == "sneaky":
+        await ctx.reply({"n": "x" * 10_000})
 """
 
 
@@ -575,7 +641,8 @@ def handler_organism(module: str) -> str:
     return ("organism: {name: security, limits: {max_bytes: 4096, max_depth: 16}}\n"
             "listeners:\n"
             + listener("mischief", "mischief", "sink") + listener("flood", "flood", "sink")
-            + listener("sneaky", "sneaky", "sink") + listener("ping", "ping", "pong")
+            + listener("sneaky", "sneaky", "sink, replier") + listener("replier", "replier")
+            + listener("ping", "ping", "pong")
             + listener("pong", "ping", "ping") + listener("outsider", "sink")
             + listener("sink", "sink")
             + listener("selfish", "selfish", "selfish").replace("}", ", timeout: 200ms}"))
@@ -643,13 +710,31 @@ async def test_a_handler_sending_to_a_full_mailbox_waits_instead_of_queueing_mor
     assert pump.state.agents.agents["sink"].succeeded == 12
 
 
-async def test_limit_a_handler_is_trusted_code(bus: tuple[Pump, FileLog, Path]) -> None:
+async def test_a_handler_payload_of_any_form_has_the_size_cap_and_replies_go_to_the_sender(
+        bus: tuple[Pump, FileLog, Path]) -> None:
+    """An element built in memory or a dict, sent or as a reply, is held to
+    ``limits.max_bytes`` as text is; the private send function cannot address a name other
+    than the sender's as a reply (nor the bus's own names at all)."""
     pump, log, _ = bus
     await pump.inject(item(1), to="sneaky")
     await pump.wait_idle()
-    sent = {m.to: m for m in await accepted_in(log) if m.sender == "sneaky"}
-    assert set(sent) == {"sink", "outsider"}  # 'outsider' is not among its peers
-    assert len(sent["sink"].envelope.encode()) > pump.organism.limits.max_bytes
+    rejected = [r.event async for r in log.read() if isinstance(r.event, MessageRejected)]
+    assert sorted((r.sender, r.to, r.reason) for r in rejected) == [
+        ("replier", "sneaky", "xml_too_large"),
+        ("sneaky", "api", "xml_too_large"),
+        ("sneaky", "cli", "unknown_listener"),
+        ("sneaky", "outsider", "undeclared_peer"),
+        ("sneaky", "sink", "xml_too_large"), ("sneaky", "sink", "xml_too_large"),
+        ("sneaky", "system", "unknown_listener")]
+    assert {r.error for r in rejected if r.reason == "xml_too_large"} == {
+        f"The payload <Item> is {size} bytes as XML, over the limit of 4096 bytes; send a "
+        "smaller payload or raise limits.max_bytes in organism.yaml."
+        for size in (10020, 10026)}  # the element; the dict (xmlschema writes some newlines)
+    sent = [(m.sender, m.to) for m in await accepted_in(log) if m.sender != "system"]
+    assert sorted(sent) == [("api", "sneaky"), ("sneaky", "replier")]
+    # Each refusal came back to its sender as a SystemError.
+    errors = [m.to for m in await accepted_in(log) if m.sender == "system"]
+    assert sorted(errors) == ["replier"] + ["sneaky"] * 6
 
 
 async def test_limit_a_handler_that_fills_its_own_mailbox_waits_until_its_timeout(

@@ -22,6 +22,7 @@ from xml_pipeline.xmlsafe import XmlLimits, parse_xml, readable_path
 
 __all__ = [
     "ENVELOPE_NS",
+    "LOGGED_LIMITS",
     "Envelope",
     "build_envelope",
     "envelope_schema",
@@ -58,6 +59,10 @@ _SENT_RULE = ("a timestamp is an xs:dateTime such as '2026-11-26T05:00:00.123Z';
               "make it with format_timestamp(seconds)")
 
 _DEFAULT_LIMITS = XmlLimits()
+#: For reading back envelopes the bus wrote to its log: their payloads were held to the limits
+#: in force when they were accepted, and the envelope around a payload at ``max_bytes`` is
+#: larger than that, as is everything accepted before the limits were lowered.
+LOGGED_LIMITS = XmlLimits(max_bytes=2**62, max_depth=255)
 _schema: list[etree.XMLSchema] = []
 
 

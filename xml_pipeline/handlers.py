@@ -20,7 +20,7 @@ from typing import Any, TypeAlias
 
 from lxml import etree
 
-from xml_pipeline.errors import PayloadError
+from xml_pipeline.errors import PayloadError, XmlTooLargeError
 from xml_pipeline.schemas import PayloadSchema
 from xml_pipeline.xmlsafe import XmlLimits, parse_xml
 
@@ -57,9 +57,10 @@ def is_system_error(payload: etree._Element) -> bool:
 def coerce_payload(payload: Payload, schema: PayloadSchema, *, limits: XmlLimits
                    ) -> etree._Element:
     """An lxml element from an element, XML text or a dict. Raises ``XmlError``/``PayloadError``;
-    does not validate (the pump does, once, for every message)."""
+    does not validate (the pump does, once, for every message). Whatever its form, a payload
+    is held to ``limits.max_bytes`` as XML text."""
     if isinstance(payload, etree._Element):
-        return payload
+        return _within(payload, limits)
     if isinstance(payload, str | bytes):
         return parse_xml(payload, limits=limits)
     if isinstance(payload, Mapping):
@@ -76,10 +77,21 @@ def coerce_payload(payload: Payload, schema: PayloadSchema, *, limits: XmlLimits
             ) from exc
         if isinstance(element, tuple):  # (element, errors) in lax mode
             element = element[0]
-        return element
+        return _within(element, limits)
     raise PayloadError(
         f"A payload must be an lxml element, XML text or a dict, not {type(payload).__name__}."
     )
+
+
+def _within(element: etree._Element, limits: XmlLimits) -> etree._Element:
+    """``element``, if its XML text is within ``limits.max_bytes`` (as text payloads are)."""
+    size = len(etree.tostring(element, encoding="utf-8", with_tail=False))
+    if size > limits.max_bytes:
+        raise XmlTooLargeError(
+            f"The payload <{etree.QName(element).localname}> is {size} bytes as XML, over the "
+            f"limit of {limits.max_bytes} bytes; send a smaller payload or raise "
+            "limits.max_bytes in organism.yaml.")
+    return element
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -101,6 +101,8 @@ class ApiConfig:
     port: int = 8765
     #: HTTP requests handled at once (event streams aside); more are answered 503 at once
     max_requests: int = 256
+    #: seconds a request body may take to arrive; a slower one is answered 408
+    body_timeout: float = 5.0
 
 
 _API_DEFAULTS = ApiConfig()
@@ -209,14 +211,17 @@ def _finite(value: int | float) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _duration(doc: _Doc, value: Any, path: tuple[Any, ...], default: float) -> float:
+def _duration(doc: _Doc, value: Any, path: tuple[Any, ...], default: float, *,
+              positive: bool = False) -> float:
     if value is None:
         return default
     try:
         seconds = parse_duration(value)
     except ValueError:
-        doc.problem(path, f"{where(path)} must be a duration such as 30s, 500ms or 2m, "
-                          f"not {show(value)}.")
+        seconds = -1.0
+    if seconds < 0 or (positive and seconds == 0):
+        doc.problem(path, f"{where(path)} must be a duration{' over 0' if positive else ''} "
+                          f"such as 30s, 500ms or 2m, not {show(value)}.")
         return default
     if seconds > MAX_DURATION:
         doc.problem(path, f"{where(path)} must be at most {MAX_DURATION / 3600:g}h, "
@@ -230,7 +235,7 @@ def _duration(doc: _Doc, value: Any, path: tuple[Any, ...], default: float) -> f
 _TOP = ("organism", "listeners")
 _ORGANISM = ("name", "log", "api", "budgets", "limits", "retention")
 _LOG = ("path", "url", "fsync", "segment_bytes", "snapshot_every")
-_API = ("host", "port", "max_requests")
+_API = ("host", "port", "max_requests", "body_timeout")
 _RETENTION = ("ended_threads", "idempotency_keys")
 _BUDGETS = ("thread_tokens", "agent_tokens", "organism_tokens")
 _LISTENER_BUDGET = ("thread_tokens", "agent_tokens")
@@ -522,13 +527,12 @@ def parse_organism(text: str, *, path: Path) -> Organism:
     api_raw = doc.mapping(org.get("api"), ("organism", "api"), _API)
     host = doc.text(api_raw.get("host"), ("organism", "api", "host")) or "127.0.0.1"
     port = doc.whole_number(api_raw.get("port"), ("organism", "api", "port"), minimum=0,
-                            default=8765)
-    if port is not None and port > 65535:
-        doc.problem(("organism", "api", "port"), f"organism.api.port must be at most 65535, "
-                                                 f"not {show(port)}.")
+                            maximum=65535, default=8765)
     max_requests = doc.whole_number(api_raw.get("max_requests"),
                                     ("organism", "api", "max_requests"), minimum=1,
                                     default=_API_DEFAULTS.max_requests)
+    body_timeout = _duration(doc, api_raw.get("body_timeout"), ("organism", "api", "body_timeout"),
+                             _API_DEFAULTS.body_timeout, positive=True)
     retention_raw = doc.mapping(org.get("retention"), ("organism", "retention"), _RETENTION)
     defaults = Retention().summary()
     retention = Retention(**{
@@ -583,14 +587,10 @@ def parse_organism(text: str, *, path: Path) -> Organism:
     for listener in listeners.values():
         digest.update(listener.schema.digest.encode("ascii"))
     return Organism(
-        name=name,
-        path=path,
-        root=file_dir,
-        source=text,
-        digest=digest.hexdigest(),
-        log=log,
+        name=name, path=path, root=file_dir, source=text, digest=digest.hexdigest(), log=log,
         api=ApiConfig(host=host, port=port if port is not None else 8765,
-                      max_requests=max_requests or _API_DEFAULTS.max_requests),
+                      max_requests=max_requests or _API_DEFAULTS.max_requests,
+                      body_timeout=body_timeout),
         retention=retention,
         budgets=budgets,
         limits=limits,

@@ -32,9 +32,7 @@ from typing import Any
 
 import xml_pipeline
 from xml_pipeline.delivery import Deliverer
-from xml_pipeline.envelope import (
-    parse_envelope,
-)
+from xml_pipeline.envelope import LOGGED_LIMITS, parse_envelope
 from xml_pipeline.errors import (
     BusyError,
     LogError,
@@ -214,7 +212,7 @@ class Pump:
                                            listener=info.to, attempt=info.attempts + 1,
                                            delay=0.0, by=by)])
         self._ledger.opened(info.thread_id)
-        parsed = parse_envelope(envelope, limits=self.organism.limits)
+        parsed = parse_envelope(envelope, limits=LOGGED_LIMITS)
         self._mailboxes[info.to].put(Delivery(
             message_id=message_id, thread_id=info.thread_id, sender=info.sender,
             parent_id=info.parent_id, payload=parsed.payload, envelope=envelope.encode(),
@@ -387,7 +385,7 @@ class Pump:
                     at=now, message_id=info.message_id, listener=info.to,
                     reason=f"Listener {info.to!r} no longer exists in the organism."))
                 continue
-            envelope = parse_envelope(accepted.envelope, limits=self.organism.limits)
+            envelope = parse_envelope(accepted.envelope, limits=LOGGED_LIMITS)
             mailbox.put(Delivery(message_id=info.message_id, thread_id=info.thread_id,
                                  sender=info.sender, parent_id=info.parent_id,
                                  payload=envelope.payload,

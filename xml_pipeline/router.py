@@ -187,9 +187,13 @@ class Router:
     async def _accept(self, *, payload: etree._Element, to: str, sender: str,
                       thread_id: str | None, parent_id: str | None,
                       idempotency_key: str | None, wait: bool, validate: bool = True,
-                      system_depth: int = 0, durable: bool = True) -> Accepted:
-        """Route, validate and append one message. With ``durable`` it returns once the message
-        is in the log; otherwise at once (it reaches the mailbox when durable either way)."""
+                      system_depth: int = 0, durable: bool = True,
+                      outbound: bool = False) -> Accepted:
+        """Route, check and append one message. With ``durable`` it returns once the message
+        is in the log; otherwise at once (it reaches the mailbox when durable either way).
+
+        Only listeners are addressable: ``outbound`` (a reply to the API client, CLI or bus
+        that sent the parent, decided by ``send``) is the one way to a name of the bus."""
         threads = self._ledger.state.threads
         if idempotency_key is not None:
             if idempotency_key in threads.idempotency:
@@ -198,7 +202,6 @@ class Router:
             if idempotency_key in self._pending_keys:
                 pending = self._pending_keys[idempotency_key]
                 return Accepted(pending.message_id, pending.thread_id, duplicate=True)
-        outbound = to in RESERVED_SENDERS
         if not outbound:
             listener = self.listener(to)
             if validate:
@@ -288,6 +291,7 @@ class Router:
                     or self._thread_killed(delivery.thread_id)):
                 raise ThreadClosedError(f"Thread {delivery.thread_id} was killed; the message "
                                         "was not sent.")
+            is_reply = is_reply and to == delivery.sender  # a reply goes to the sender only
             outbound = is_reply and to in RESERVED_SENDERS
             if not outbound:
                 target = self.listener(to)
@@ -308,7 +312,7 @@ class Router:
             accepted = await self._accept(payload=_unwrap(payload), to=to,
                                           sender=listener.name, thread_id=delivery.thread_id,
                                           parent_id=delivery.message_id, idempotency_key=None,
-                                          wait=True, durable=False)
+                                          wait=True, durable=False, outbound=outbound)
             return accepted.message_id
         except (BusyError, LogError):
             raise

@@ -108,6 +108,11 @@ def _max_requests(app: Starlette) -> int:
     return limit
 
 
+def _body_timeout(app: Starlette) -> float:
+    timeout: float = app.state.pump.organism.api.body_timeout
+    return timeout
+
+
 @asynccontextmanager
 async def open_organism(organism: Organism, directory: Path, *, stop_timeout: float = 10.0
                         ) -> AsyncIterator[Pump]:
@@ -168,8 +173,9 @@ def create_app(organism: Organism, *, data: Path | None = None, token: str | Non
         Middleware(RequestIdMiddleware),
         Middleware(AuthMiddleware, token=token),
         Middleware(LocalOnlyMiddleware, token=token),
-        # The limit in force is the running organism's: a reload changes it.
+        # The limits in force are the running organism's: a reload changes them.
         Middleware(RequestLimitMiddleware, limit=lambda: _max_requests(app),
+                   body_timeout=lambda: _body_timeout(app), max_body=lambda: limit,
                    exempt=("/api/v1/events", "/health", "/metrics")),
         Middleware(BodyLimitMiddleware, limit=limit, exempt=("/api/v1/inject",)),
     ]

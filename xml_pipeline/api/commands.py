@@ -47,10 +47,8 @@ async def _body(request: Request, pump: Pump, chunks: list[bytes]) -> bytes:
     declared = request.headers.get("content-length")
     seen = 0
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        async for chunk in request.stream():  # keep the first part, as evidence for the log
-            chunks.append(chunk)
-            if sum(map(len, chunks)) >= 4096:
-                break
+        # Refused on the header: waiting for a part of the body as evidence would wait for
+        # ever on a client that announces more than it sends.
         raise XmlTooLargeError(f"The request body is {declared} bytes, over the limit of "
                                f"{limit} bytes; send a smaller message.")
     async for chunk in request.stream():

@@ -100,6 +100,7 @@ _COMPONENTS["responses"] = {
                       "route matches (a line break)"),
     "Conflict": _error("the thread is closed"),
     "TooLarge": _error("the body is over the size limit"),
+    "BodyTimeout": _error("the body did not arrive within organism.api.body_timeout"),
     "UnsupportedMediaType": _error("the Content-Type is not JSON or XML"),
     "Unprocessable": _error("the payload does not fit the listener's schema"),
     "TooManyRequests": _error("the listener's mailbox is full; retry after Retry-After",
@@ -198,6 +199,7 @@ GUARDS: list[tuple[str, str, Callable[[str], bool]]] = [
     ("401", "Unauthorized", lambda path: True),  # a token is set and not given
     ("403", "Forbidden", lambda path: True),  # no token, and another site or host asks
     ("404", "NoRoute", lambda path: "{" in path),  # a path parameter no route takes
+    ("408", "BodyTimeout", lambda path: path not in _UNCOUNTED),  # a body too slow to come
     ("413", "TooLarge", lambda path: True),  # Content-Length over limits.max_bytes
     ("503", "Unavailable", lambda path: path not in _UNCOUNTED),  # max_requests in progress
 ]

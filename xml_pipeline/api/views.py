@@ -351,21 +351,23 @@ async def messages(request: Request) -> Response:
     after = integer(request, "after", 0)
     agent_name = request.query_params.get("agent")
     items: list[dict[str, Any]] = []
-    skipped = 0
+    # Without a filter the state knows the total; with one, the matching messages are counted
+    # to the end of the log (the scan goes on, without building items, past the page).
+    filtered = agent_name is not None or after > 0
+    matched = 0
     async for record in pump.log.read(after=after):
         event = record.event
         if not isinstance(event, MessageAccepted):
             continue
         if agent_name is not None and agent_name not in (event.sender, event.to):
             continue
-        if skipped < offset:
-            skipped += 1
-            continue
-        items.append(_message(pump, record.position, event))
-        if len(items) >= limit:
+        matched += 1
+        if offset < matched <= offset + limit:
+            items.append(_message(pump, record.position, event))
+        if matched >= offset + limit and not filtered:
             break
-    return JSONResponse(listing("messages", items, total=pump.state.threads.accepted,
-                                limit=limit, offset=offset))
+    total = matched if filtered else pump.state.threads.accepted
+    return JSONResponse(listing("messages", items, total=total, limit=limit, offset=offset))
 
 
 async def dead_letters(request: Request) -> Response:

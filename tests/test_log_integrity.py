@@ -13,10 +13,13 @@ import fcntl
 import json
 import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import write_organism
 from tests.test_file_log import build, disk, flip, frame_of, frames, paused, poke
 from xml_pipeline import errors, events
 from xml_pipeline.cli import main
@@ -461,3 +464,30 @@ def test_repair_of_a_damaged_record_with_good_ones_after_it_cuts_there(
     assert report["moved"] == [f"{path.name} from offset {offset} ({size - offset} bytes) to "
                                f"damaged-1/{path.name}.from-{offset}"]
     assert [r.position for r in records(tmp_path)] == list(range(1, 11))
+
+
+# ------------------------------------------------------------------ run refuses it too
+
+
+def test_run_refuses_a_log_without_its_first_segment_and_leaves_it_alone(
+        tmp_path: Path) -> None:
+    # The real command: a refused open serves nothing and appends nothing (no
+    # OrganismStarted), so an idempotency key cannot make a second message.
+    path = write_organism(tmp_path / "org", """
+        organism: {name: damaged, log: {path: events}}
+        listeners:
+          - {name: greeter, description: d, payload: schemas/greeting.xsd, handler: "h:greet"}
+        """, modules={"h": "async def greet(payload, ctx):\n    return None\n"})
+    directory = tmp_path / "org" / "events"
+    make_log(directory, snapshot=False)
+    (_, first_path), (second, second_path) = segments(directory)[:2]
+    first_path.unlink()
+    before = disk(directory)
+    result = subprocess.run(
+        [sys.executable, "-m", "xml_pipeline", "run", str(path), "--port", "0", "--no-watch"],
+        cwd=path.parent, capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0
+    assert refusal(directory, 1, f"{second_path.name}, offset 0: ",
+                   f"the first segment starts at position {second}, so records 1 to "
+                   f"{second - 1} are missing") in result.stderr
+    assert disk(directory) == before

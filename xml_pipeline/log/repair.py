@@ -11,8 +11,9 @@ moves aside, into a new folder ``damaged-N`` of the log directory:
 - the snapshots whose anchor the log then contradicts (a snapshot of records now gone).
 
 It checks again after each step until the log passes, then appends ``LogRepaired`` saying
-what it found and moved, so the log itself tells the story. Moving the files back (and
-``cat``-ing a ``.from-`` file onto its segment) undoes it.
+what it found and moved, so the log itself tells the story. The moved files are kept for
+inspection; the ``LogRepaired`` record takes the first position they held, so they cannot
+simply be moved back (restore the whole directory from a copy to keep those records).
 """
 
 from __future__ import annotations

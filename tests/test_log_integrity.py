@@ -325,17 +325,38 @@ def test_a_damaged_last_record_is_refused_not_cut(
     assert code == 1 and json.loads(out)["bad_position"] == 20
 
 
-def test_a_torn_last_record_is_still_cut(tmp_path: Path) -> None:
+def _unwritten_end(path: Path, offset: int, length: int, extra: int) -> None:
+    """The last ``length // 3`` bytes of the frame and ``extra`` bytes after it are zeros: the
+    file grew, but the write never reached them (a power cut)."""
+    cut = offset + length - length // 3
+    os.truncate(path, cut)
+    with open(path, "ab") as handle:
+        handle.write(bytes(length // 3 + extra))
+
+
+TORN_LAST = {
+    "its last byte never written": lambda p, o, n: os.truncate(p, o + n - 1),
+    "its end zeros": lambda p, o, n: _unwritten_end(p, o, n, 0),
+    "its end and what follows zeros": lambda p, o, n: _unwritten_end(p, o, n, 4096),
+}
+
+
+@pytest.mark.parametrize("tear", sorted(TORN_LAST))
+def test_a_torn_last_record_is_still_cut(tmp_path: Path, tear: str) -> None:
     asyncio.run(build(tmp_path, 20))
     path, offset, length = frame_of(tmp_path, 20)
-    os.truncate(path, offset + length - 1)  # its last byte never written
+    TORN_LAST[tear](path, offset, length)
+    torn = path.stat().st_size - offset
+    assert verify_log(tmp_path).torn_bytes == torn
+    assert [r.position for r in records(tmp_path)] == list(range(1, 20))
 
     async def reopen() -> None:
         async with await open_file_log(tmp_path) as log:
-            assert (log.repaired_bytes, log.last_position) == (length - 1, 19)
+            assert (log.repaired_bytes, log.last_position) == (torn, 19)
 
     asyncio.run(reopen())
     assert verify_log(tmp_path).records == 19
+    assert path.stat().st_size == offset
 
 
 # ------------------------------------------------------------------ repair

@@ -135,10 +135,12 @@ def damage_at(buf: bytes | memoryview, offset: int, size: int) -> str | None:
     """Tell a torn tail from damage, where no good frame starts at ``offset``.
 
     None if ``buf[offset:size]`` may be a frame that was never completely written (a torn
-    tail): fewer bytes than a header, a header whose length runs past ``size``, or only zero
-    bytes (space the file system gave the file that no write reached). A write that stops
-    early leaves a prefix of good bytes, so a frame that is all there and still fails its
-    check was damaged after it was written: the answer then says what fails. A frame whose
+    tail): fewer bytes than a header, a header whose length runs past ``size``, or a frame
+    whose end is zero bytes up to ``size`` (space the file system gave the file that no write
+    reached; a frame's type and data, JSON, never end with one). A write that stops early
+    leaves a prefix of good bytes, so a frame that is all there, ends with what was written
+    and still fails its check was damaged after it was written: the answer then says what
+    fails. A frame whose
     length field was damaged is all there too, and is told apart by its checksum, which
     matches the bytes up to ``size`` once the length says so. The caller checks that no good
     frame follows (``good_frame_in``): a torn frame is always the last thing in the file.
@@ -150,10 +152,13 @@ def damage_at(buf: bytes | memoryview, offset: int, size: int) -> str | None:
     if tail.count(0) == rest:
         return None
     type_len, crc, data_len = tail[3], *struct.unpack_from("<I2xI", tail, 4)
-    if HEADER_SIZE + type_len + data_len <= rest:
+    length = HEADER_SIZE + type_len + data_len
+    if length <= rest:
         problem = frame_at(tail, 0, rest)
         if not isinstance(problem, str):
             return None  # a good frame: not for this function to judge
+        if len(tail.rstrip(b"\0")) < length:
+            return None  # its last bytes were never written
         kind = "bad frame header" if problem.startswith("bad") else "checksum mismatch"
         return f"{kind}, in a whole frame (so it was damaged after it was written)"
     # It runs past the end. Its type length is outside the checksum; its data length is in it.

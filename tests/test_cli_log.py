@@ -185,12 +185,16 @@ def test_replay_prints_the_digest_of_the_state_folded_in_process(
     assert summary["position"] == len(EVENTS)
     assert summary["from_snapshot"] == 0
     assert summary["events"]["MessageAccepted"] == 6
+    # Every accepted message counts, also those of threads that ended (whose per-message
+    # records the state no longer keeps).
+    assert summary["messages"] == 6
     assert summary["dead_letters"] == 1 and summary["rejected"] == 1
     assert summary["agents"] == {"greeter": "running", "shouter": "paused"}
 
     code, out, _ = run(capsys, "replay", "--data", data)
     assert code == 0
     assert f"  digest:   {expected.digest()}\n" in out
+    assert "  messages: 6 accepted, 1 rejected, 1 dead letters\n" in out
     assert out.startswith(f"replayed {len(EVENTS)} events; state at position {len(EVENTS)}\n")
 
     # A snapshot gives the same state, and so does ignoring it.

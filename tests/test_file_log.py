@@ -21,9 +21,15 @@ from typing import Any
 
 import pytest
 
-from xml_pipeline.errors import LogCorruptedError, LogLockedError, LogWriteError
+from xml_pipeline.errors import (
+    LogCorruptedError,
+    LogDamagedError,
+    LogLockedError,
+    LogWriteError,
+)
 from xml_pipeline.events import AgentPaused, Recorded, ReloadRejected
 from xml_pipeline.log.file import FileLog, open_file_log
+from xml_pipeline.log.repair import repair_log
 from xml_pipeline.log.segments import HEADER, HEADER_SIZE, locate_record, segments, verify_log
 from xml_pipeline.state import latest_snapshot, project, save_snapshot
 
@@ -184,7 +190,8 @@ TORN = {
     "zeros after the end": _append(bytes(300)),
     "random bytes after the end": _append(random.Random(3).randbytes(200)),
     "the start of a header": _append(b"XP\x01"),
-    "a whole frame with a bad checksum": _append(_crc_broken_frame),
+    "a header whose length runs past the end": _append(
+        b"XP\x01\x0b" + struct.pack("<IHI", 1234, 1, 1000) + bytes(50)),
 }
 
 
@@ -267,11 +274,10 @@ async def test_any_damaged_field_with_records_after_it_is_refused(
     assert caught.value.position == 8
     assert "position 8" in caught.value.message
     assert disk(tmp_path) == before
-    reader = await open_file_log(tmp_path, readonly=True)
-    with pytest.raises(LogCorruptedError) as caught:
-        await read_all(reader)
-    assert caught.value.position == 8
-    await reader.aclose()
+    # Readers get the same answer: the same check refuses to open the log.
+    with pytest.raises(LogCorruptedError) as refused:
+        await open_file_log(tmp_path, readonly=True)
+    assert refused.value.message == caught.value.message
     assert verify_log(tmp_path).bad_position == 8
     assert disk(tmp_path) == before
 
@@ -292,6 +298,8 @@ async def test_a_well_formed_record_out_of_place_at_the_tail_is_not_cut(
 
 
 async def test_damage_in_an_earlier_segment_is_found_by_readers(tmp_path: Path) -> None:
+    # Inside a record between the first and the last of a sealed segment: opening does not
+    # read it (it stays cheap), the deep check and any read that reaches it do.
     await build(tmp_path, 30, segment_bytes=400)
     assert len(segments(tmp_path)) >= 3
     _, path = segments(tmp_path)[0]
@@ -312,11 +320,11 @@ async def test_a_segment_that_ends_early_is_a_gap_not_the_end(tmp_path: Path) ->
     path, offset, _ = frame_of(tmp_path, second_start - 1)
     assert path == first_segment
     os.truncate(path, offset + 5)  # the last record of the first segment is torn
-    reader = await open_file_log(tmp_path, readonly=True)
-    with pytest.raises(LogCorruptedError) as caught:
-        await read_all(reader)
-    assert caught.value.position == second_start - 1
-    await reader.aclose()
+    for readonly in (True, False):
+        with pytest.raises(LogDamagedError) as caught:
+            await open_file_log(tmp_path, readonly=readonly)
+        assert caught.value.position == second_start - 1
+        assert (caught.value.segment, caught.value.offset) == (first_segment.name, offset)
     assert verify_log(tmp_path).bad_position == second_start - 1
 
 
@@ -616,7 +624,7 @@ async def test_an_unexpected_writer_error_fails_the_append_instead_of_hanging(
 # ------------------------------------------------------------------ snapshots
 
 
-async def test_a_snapshot_is_ignored_once_the_log_no_longer_holds_its_record(
+async def test_a_log_that_lost_a_snapshots_record_is_refused_until_repaired(
         tmp_path: Path) -> None:
     # Events whose fold shows in the state, whatever the organism.
     events = [ReloadRejected(at=2000.0 + n, error=f"problem {n}") for n in range(1, 11)]
@@ -628,14 +636,28 @@ async def test_a_snapshot_is_ignored_once_the_log_no_longer_holds_its_record(
     found = latest_snapshot(tmp_path)
     assert found is not None and found.digest() == state.digest()
 
-    # The log is restored from an older copy: record 10 is gone.
+    # The log is restored from an older copy: record 10 is gone. The snapshot is not used,
+    # and since it shows that record 10 was there, the log is refused: it lost a record.
     path, offset, _ = frame_of(tmp_path, 10)
     os.truncate(path, offset)
     assert latest_snapshot(tmp_path) is None
+    before = disk(tmp_path)
+    for readonly in (False, True):
+        with pytest.raises(LogDamagedError) as caught:
+            await open_file_log(tmp_path, readonly=readonly)
+        assert caught.value.message.startswith(
+            f"The log at {tmp_path} is damaged at position 10 ({path.name}, offset {offset}: "
+            "the log ends at position 9, but the snapshot "
+            "snapshots/00000000000000000010.snapshot includes records up to 10, so they are "
+            "missing); it was not changed.")
+    assert disk(tmp_path) == before
 
-    # A different record 10 takes its place: the snapshot still does not apply.
+    # A repair moves the snapshot aside; its record 10 is the repair's.
+    repaired = await repair_log(tmp_path, at=3000.0)
+    assert repaired.position == 10 and repaired.event is not None
+    assert repaired.event.moved == ("snapshots/00000000000000000010.snapshot to "
+                                    "damaged-1/snapshots/00000000000000000010.snapshot",)
     async with await open_file_log(tmp_path) as log:
-        assert await log.append([ReloadRejected(at=3000.0, error="another")]) == [10]
         replayed = project(await read_all(log))
     assert latest_snapshot(tmp_path) is None
     assert replayed.digest() != state.digest()

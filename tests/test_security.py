@@ -16,6 +16,7 @@ import itertools
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -40,7 +41,7 @@ from tests.test_pump import ITEM_XSD, ORGANISM, item
 from xml_pipeline.api import app as api_app
 from xml_pipeline.cli import main
 from xml_pipeline.envelope import ENVELOPE_NS
-from xml_pipeline.errors import OrganismError
+from xml_pipeline.errors import LogDamagedError, OrganismError
 from xml_pipeline.events import (
     HandlerFailed,
     HandlerSucceeded,
@@ -923,6 +924,10 @@ async def test_limit_the_hash_chain_is_not_a_signature(
                   if isinstance(r.event, MessageAccepted) and "original-1" in r.event.envelope]
     await log.aclose()
     _rewrite(data, position, b"original-1", b"rewritten-1")
+    # The graceful stop's snapshot witnesses the old chain, but the forger can drop it too.
+    assert await asyncio.to_thread(main, ["replay", "--data", str(data), "--verify"]) == 1
+    assert "contradicts a snapshot" in capsys.readouterr().err
+    shutil.rmtree(data / "snapshots")
     assert await asyncio.to_thread(main, ["replay", "--data", str(data), "--verify"]) == 0
     assert capsys.readouterr().out.startswith("verified ")
     envelopes = [m.envelope for m in await events_of(data, MessageAccepted)]
@@ -943,6 +948,10 @@ async def test_limit_records_cut_at_the_tail_leave_a_log_that_verifies(
         head = HEADER.unpack_from(buf, offset)
         offset += HEADER_SIZE + head[2] + head[5]
     path.write_bytes(buf[:offsets[-5]])  # the last five records, gone
+    # The graceful stop's snapshot witnesses them, but the forger can drop it too.
+    with pytest.raises(LogDamagedError):
+        await open_file_log(data)
+    shutil.rmtree(data / "snapshots")
     after = verify_log(data)
     assert before.ok and after.ok
     assert after.records == before.records - 5

@@ -59,6 +59,7 @@ _BY_NAME: dict[str, st.SearchStrategy[typing.Any]] = {
     "budgets": BUDGETS,
     "listeners": LISTENERS,
     "added": st.tuples(NAMES), "removed": st.tuples(), "updated": st.tuples(NAMES),
+    "moved": st.tuples(TEXT), "problems": st.tuples(TEXT),
     "changes": st.dictionaries(NAMES, st.lists(st.sampled_from(["payload", "peers"]))),
     "retention": st.dictionaries(st.sampled_from(["ended_threads", "idempotency_keys"]),
                                  st.integers(0, 3)),

@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +24,7 @@ from xml_pipeline.envelope import format_timestamp
 from xml_pipeline.errors import LogError, OrganismError, XmlPipelineError
 from xml_pipeline.events import CATALOGUE, Event, Recorded
 from xml_pipeline.log.file import open_file_log
+from xml_pipeline.log.repair import repair_log
 from xml_pipeline.log.segments import verify_log
 from xml_pipeline.organism import Organism, load_organism
 from xml_pipeline.remote import (
@@ -112,7 +114,7 @@ def _state_summary(state: State, counts: Counter[str]) -> dict[str, Any]:
         "events": dict(sorted(counts.items())),
         "organism": state.agents.name,
         "threads": dict(sorted(threads.items())),
-        "messages": len(state.threads.messages),
+        "messages": state.threads.accepted,
         "rejected": state.threads.rejected,
         "dead_letters": len(state.threads.dead_letters),
         "agents": {name: info.status for name, info in state.agents.agents.items()},
@@ -122,28 +124,46 @@ def _state_summary(state: State, counts: Counter[str]) -> dict[str, Any]:
     }
 
 
+def _verify(directory: Path, args: argparse.Namespace) -> bool:
+    """``replay --verify``: the deep check of every record and snapshot; False if it fails."""
+    result = verify_log(directory)
+    snapshots = [f"snapshots/{name}: {problem}" for name, problem in result.snapshots]
+    if not result.ok or snapshots:
+        advice = (f"Run 'xml-pipeline repair --data {directory}' to move the damaged part "
+                  "aside (it is kept, not deleted), or restore the log from a copy.")
+        if args.json:
+            print(json.dumps({"ok": False, "bad_position": result.bad_position,
+                              "problem": result.problem, "segment": result.segment,
+                              "offset": result.offset if result.segment else None,
+                              "intact_records": result.records, "snapshots": snapshots}))
+        elif not result.ok:
+            print(f"The log at {directory} is damaged at position {result.bad_position}: "
+                  f"{result.problem}. {result.records} records before it are intact. "
+                  f"{advice}", file=sys.stderr)
+        for problem in snapshots if not args.json else ():
+            print(f"The log at {directory} contradicts a snapshot: {problem}. {advice}",
+                  file=sys.stderr)
+        return False
+    if not args.json:
+        tail = (f" ({result.torn_bytes} incomplete bytes at the end: a write in progress "
+                "or a torn tail, cut when the log is next opened for writing)"
+                if result.torn_bytes else "")
+        print(f"verified {result.records} records: checksums and hash chain intact{tail}")
+    return True
+
+
 async def _replay(args: argparse.Namespace) -> int:
     directory = _data_dir(args)
     if not directory.is_dir():
         print(f"There is no log at {directory}; pass --data DIR.", file=sys.stderr)
         return 1
-    if args.verify:
-        result = verify_log(directory)
-        if not result.ok:
-            message = (f"The log at {directory} is damaged at position {result.bad_position}: "
-                       f"{result.problem}. {result.records} records before it are intact.")
-            if args.json:
-                print(json.dumps({"ok": False, "bad_position": result.bad_position,
-                                  "problem": result.problem, "intact_records": result.records}))
-            else:
-                print(message, file=sys.stderr)
-            return 1
-        if not args.json:
-            tail = (f" ({result.torn_bytes} incomplete bytes at the end: a write in progress "
-                    "or a torn tail, cut when the log is next opened for writing)"
-                    if result.torn_bytes else "")
-            print(f"verified {result.records} records: checksums and hash chain intact{tail}")
-    log = await open_file_log(directory, readonly=True)
+    if args.verify and not _verify(directory, args):
+        return 1
+    try:
+        log = await open_file_log(directory, readonly=True)
+    except LogError as exc:
+        print(exc.message, file=sys.stderr)
+        return 1
     try:
         state = None if args.no_snapshot else latest_snapshot(directory)
         start = state.position if state else 0
@@ -183,6 +203,42 @@ async def _replay(args: argparse.Namespace) -> int:
     print(f"  tokens:   {tokens['prompt']} in, {tokens['completion']} out, "
           f"{tokens['requests']} requests, cost {tokens['cost']}")
     print(f"  digest:   {summary['digest']}")
+    return 0
+
+
+# ------------------------------------------------------------------ repair
+
+
+async def _repair(args: argparse.Namespace) -> int:
+    directory = _data_dir(args)
+    if not directory.is_dir():
+        print(f"There is no log at {directory}; pass --data DIR.", file=sys.stderr)
+        return 1
+    try:
+        outcome = await repair_log(directory, at=time.time())
+    except LogError as exc:
+        print(exc.message, file=sys.stderr)
+        return 1
+    event = outcome.event
+    if args.json:
+        print(json.dumps({"repaired": event is not None, "position": outcome.position,
+                          **({} if event is None else msgspec.to_builtins(event))}))
+        return 0
+    if event is None:
+        torn = (f"; the {outcome.torn_bytes} incomplete bytes at its end are a torn tail, "
+                "which the next open for writing cuts" if outcome.torn_bytes else "")
+        print(f"The log at {directory} passed the full check (every record, the hash chain "
+              f"and the snapshots); nothing to repair{torn}.")
+        return 0
+    print(f"repaired the log at {directory}; what was moved is kept in "
+          f"{directory / event.folder}")
+    for problem in event.problems:
+        print(f"  found: {problem}")
+    for moved in event.moved:
+        print(f"  moved: {moved}")
+    if event.cut_at:
+        print(f"  records from position {event.cut_at} on are no longer in the log")
+    print(f"LogRepaired recorded at position {outcome.position}; the log opens again")
     return 0
 
 
@@ -262,10 +318,14 @@ async def _tail(args: argparse.Namespace) -> int:
         print(f"There is no log at {directory}; pass --data DIR.", file=sys.stderr)
         return 1
     directory.mkdir(parents=True, exist_ok=True)
-    log = await open_file_log(directory, readonly=True)
+    tail = _Tail(args, sys.stdout)
+    try:
+        log = await open_file_log(directory, readonly=True)
+    except LogError as exc:
+        print(exc.message, file=sys.stderr)
+        return 1
     if args.lines is not None:  # the last N records (filters then apply to them)
         args.after = max(0, log.last_position - args.lines)
-    tail = _Tail(args, sys.stdout)
     # Filtering by thread needs the message -> thread map from the start of the log.
     start = 0 if args.thread else (args.after or 0)
     try:
@@ -448,11 +508,16 @@ def _parser() -> argparse.ArgumentParser:
     rep = commands.add_parser("replay", help="rebuild state from the log and summarise it")
     rep.add_argument("--data", help=DATA_HELP)
     rep.add_argument("--verify", action="store_true",
-                     help="check every checksum and the whole hash chain first")
+                     help="check every checksum, the whole hash chain and the snapshots first")
     rep.add_argument("--no-snapshot", action="store_true", help="replay from position 0")
     rep.add_argument("--snapshot", action="store_true", help="save a snapshot afterwards")
     rep.add_argument("--json", action="store_true", help="machine-readable output")
     rep.set_defaults(run=lambda a: asyncio.run(_replay(a)))
+    fix = commands.add_parser("repair", help="move the damaged part of the log aside (kept, "
+                                             "not deleted) so that it opens again")
+    fix.add_argument("--data", help=DATA_HELP)
+    fix.add_argument("--json", action="store_true", help="machine-readable output")
+    fix.set_defaults(run=lambda a: asyncio.run(_repair(a)))
 
     tail = commands.add_parser("tail", help="print the event log (and follow it with -f)")
     tail.add_argument("--data", help=DATA_HELP)

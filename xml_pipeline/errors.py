@@ -26,6 +26,7 @@ with ``raise ... from exc``.
     └── LogError                        the event log
         ├── LogLockedError              another process is writing to this log
         ├── LogCorruptedError           checksum or hash chain broken (names the position)
+        │   └── LogDamagedError         found on open: the log is refused before any append
         ├── LogWriteError               an append could not be made durable
         ├── LogClosedError              the log was used after close()
         └── RecordDecodeError           unknown record type or version, undecodable data
@@ -44,6 +45,7 @@ __all__ = [
     "ForbiddenXmlError",
     "LogClosedError",
     "LogCorruptedError",
+    "LogDamagedError",
     "LogError",
     "LogLockedError",
     "LogWriteError",
@@ -209,6 +211,20 @@ class LogCorruptedError(LogError):
     def __init__(self, message: str, *, position: int) -> None:
         super().__init__(message)
         self.position = position
+
+
+class LogDamagedError(LogCorruptedError):
+    """Opening found the log damaged (a damaged or missing record, a segment out of place, a
+    history that a snapshot contradicts), so it was refused and left as it was. ``segment``
+    and ``offset`` say where, when a place in a file is known."""
+
+    code = "log_damaged"
+
+    def __init__(self, message: str, *, position: int, segment: str | None = None,
+                 offset: int | None = None) -> None:
+        super().__init__(message, position=position)
+        self.segment = segment
+        self.offset = offset
 
 
 class LogWriteError(LogError):

@@ -28,6 +28,7 @@ __all__ = [
     "Event",
     "HandlerFailed",
     "HandlerSucceeded",
+    "LogRepaired",
     "MessageAccepted",
     "MessageDeadLettered",
     "MessageDelivered",
@@ -306,6 +307,23 @@ class UsageReset(Event):
     by: str
 
 
+# ------------------------------------------------------------------ the log itself
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LogRepaired(Event):
+    """``xml-pipeline repair`` moved damaged parts of the log aside, into ``folder`` (relative
+    to the log directory), where they are kept. ``cut_at`` is the first position no longer in
+    the log (this event takes it), or 0 if no record was cut (only bytes that held no record,
+    or snapshots that the log contradicts); ``moved`` says what went where and ``problems``
+    what the check found."""
+
+    cut_at: int
+    folder: str
+    moved: tuple[str, ...]
+    problems: tuple[str, ...]
+
+
 # ------------------------------------------------------------------ the mapper
 
 #: Every event type by its stored name, with its current version.
@@ -316,7 +334,7 @@ CATALOGUE: dict[str, type[Event]] = {
         MessageAccepted, MessageRejected, MessageDelivered, HandlerSucceeded, HandlerFailed,
         MessageRetried, MessageDeadLettered, MessageDropped, AgentPaused, AgentResumed,
         ThreadKilled, ThreadCompleted, TokensReserved, TokensUsed, ModelResponded,
-        BudgetExhausted, BudgetWarned, BudgetRaised, UsageReset,
+        BudgetExhausted, BudgetWarned, BudgetRaised, UsageReset, LogRepaired,
     )
 }
 VERSIONS: dict[str, int] = dict.fromkeys(CATALOGUE, 1)

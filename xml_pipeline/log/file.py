@@ -7,10 +7,13 @@ Guarantees:
   arrived while the previous fsync ran shares the next one) or ``never`` (written to the OS).
 - One writer per directory (an exclusive ``flock``); any number of readers, in this process or
   others, may ``read``/``follow`` at the same time.
-- On open for writing, a torn record at the tail is detected and cut off; damage followed by
-  good records is never cut: it raises ``LogCorruptedError`` naming the position (and the
-  directory is left exactly as it was). Only the last segment is checked on open; damage in
-  an earlier one is found by ``verify_log`` and by any read that reaches it.
+- Every open (for reading too) first checks the log (``integrity.check_log``: how the
+  segments follow one another, every frame of the last one, every snapshot's anchor) and
+  raises ``LogDamagedError`` naming the place if it fails, leaving the directory exactly as
+  it was. Opening for writing then cuts off a torn tail (a frame never completely written);
+  a whole frame that fails its checksum is damage and is never cut (``repair`` moves it
+  aside). Damage inside a record in the middle of a sealed segment is found by
+  ``verify_log`` and by any read that reaches it.
 - A read-only log (another process tailing this one) sees records once they are written,
   which may be before the writer's fsync completes.
 - If a write or fsync fails, the records of that batch and every batch behind it fail with
@@ -31,16 +34,8 @@ from pathlib import Path
 
 from xml_pipeline.errors import LogClosedError, LogCorruptedError, LogLockedError, LogWriteError
 from xml_pipeline.events import Event, Recorded, encode
-from xml_pipeline.log.segments import (
-    GENESIS,
-    LogReader,
-    has_good_frame_after,
-    last_position_in,
-    make_frame,
-    scan_segment,
-    segment_name,
-    segments,
-)
+from xml_pipeline.log.integrity import LogEnd, check_log
+from xml_pipeline.log.segments import GENESIS, LogReader, make_frame, segment_name
 from xml_pipeline.log.statistics import LogStatistics
 
 __all__ = ["FileLog", "open_file_log"]
@@ -289,62 +284,47 @@ class FileLog:
         os.write(fd, str(os.getpid()).encode("ascii"))
         self._lock_fd = fd
 
-    def _recover_tail(self) -> tuple[Path | None, int, int, bytes]:
-        """Cut a torn tail; return (segment, size, last position, last hash)."""
-        listing = segments(self.directory)
-        while listing:
-            first, path = listing[-1]
-            result = scan_segment(path, expect_first=first)
-            if result.problem is not None:
-                # Only bytes that hold no well-formed frame may be cut: not a frame whose
-                # length runs past the end while good frames follow (a damaged length), nor
-                # a whole frame with a valid checksum at the wrong position.
-                if has_good_frame_after(path, result.end - 1):
-                    raise LogCorruptedError(
-                        f"The log at {self.directory} is damaged at position "
-                        f"{result.last_position + 1 if result.count else first} "
-                        f"({path.name}: {result.problem}) and good records follow, so it is "
-                        "not a torn tail; it was not changed. Run 'xml-pipeline replay "
-                        "--verify' and restore from a copy.",
-                        position=result.last_position + 1 if result.count else first,
-                    )
-                size = path.stat().st_size
-                with open(path, "r+b") as handle:
-                    handle.truncate(result.end)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                self.repaired_bytes += size - result.end
-            if result.count == 0:
+    def _recover_tail(self) -> LogEnd:
+        """Check the log (``check_log``: raises ``LogDamagedError``, changing nothing) and
+        cut a torn tail off; say where the log ends."""
+        end = check_log(self.directory)
+        if end.torn is not None:
+            path, offset = end.torn
+            if offset == 0:  # the segment holds no whole record
                 path.unlink()
                 _fsync_directory(self.directory)
-                listing.pop()
-                continue
-            return path, result.end, result.last_position, result.last_hash
-        return None, 0, 0, GENESIS
+            else:
+                with open(path, "r+b") as handle:
+                    handle.truncate(offset)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            self.repaired_bytes += end.torn_bytes
+        return end
 
     async def _open(self) -> None:
         if self.readonly:
-            listing = segments(self.directory)
             if not self.directory.is_dir():
                 raise LogCorruptedError(f"There is no log at {self.directory}.", position=0)
-            self._durable = 0
-            if listing:
-                last = last_position_in(listing[-1][1])
-                self._durable = last or listing[-1][0] - 1
+            self._durable = (await asyncio.to_thread(check_log, self.directory)).position
             return
         self._lock()
+        await self._open_locked()
+
+    async def _open_locked(self) -> None:
+        """Open for writing once the lock is held; on failure, let go of it."""
         try:
-            segment, size, last, digest = await asyncio.to_thread(self._recover_tail)
+            end = await asyncio.to_thread(self._recover_tail)
         except BaseException:
             self._unlock()
             raise
-        self._next_position = last + 1
-        self._previous_hash = digest
-        self._durable = last
+        self._next_position = end.position + 1
+        self._previous_hash = end.chain_hash
+        self._durable = end.position
         self._writer = _Writer(
             directory=self.directory, fsync=self.fsync, segment_bytes=self.segment_bytes,
-            loop=asyncio.get_running_loop(), segment=segment, size=size,
-            durable_position=last, durable_hash=digest, on_durable=self._on_durable,
+            loop=asyncio.get_running_loop(), segment=end.segment, size=end.size,
+            durable_position=end.position, durable_hash=end.chain_hash,
+            on_durable=self._on_durable,
         )
 
     def _unlock(self) -> None:
@@ -508,8 +488,8 @@ async def open_file_log(directory: str | Path, *, fsync: str = "batch",
                         ) -> FileLog:
     """Open (creating if needed) the log in ``directory``; ``async with`` closes it.
 
-    Raises ``LogLockedError`` if another process writes to it and ``LogCorruptedError`` if it is
-    damaged beyond a torn tail.
+    Raises ``LogLockedError`` if another process writes to it and ``LogDamagedError`` (a
+    ``LogCorruptedError``) if it is damaged beyond a torn tail, read-only or not.
     """
     if fsync not in FSYNC_POLICIES:
         raise ValueError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}, not {fsync!r}.")

@@ -32,18 +32,20 @@ from pathlib import Path
 
 from xml_pipeline.errors import LogCorruptedError, RecordDecodeError
 from xml_pipeline.events import Recorded, decode
+from xml_pipeline.log.anchors import anchors
 
 __all__ = [
     "GENESIS",
     "HEADER",
     "LogReader",
-    "ScanResult",
     "VerifyResult",
     "chain_hash",
+    "damage_at",
+    "frame_at",
+    "good_frame_in",
     "hash_at",
     "locate_record",
     "make_frame",
-    "scan_segment",
     "segment_name",
     "segments",
     "verify_log",
@@ -100,18 +102,7 @@ def make_frame(*, position: int, at: float, type_name: bytes, version: int, data
     return head + body, digest
 
 
-@dataclass(slots=True)
-class ScanResult:
-    """Where a scan of one segment stopped, and why."""
-
-    end: int  # offset just past the last good frame
-    last_position: int  # 0 if no good frame
-    last_hash: bytes
-    count: int
-    problem: str | None  # None: clean end; "torn": incomplete tail; otherwise a description
-
-
-def _frame_at(buf: bytes | memoryview, offset: int, size: int
+def frame_at(buf: bytes | memoryview, offset: int, size: int
               ) -> tuple[int, int, int, int, float, bytes] | str:
     """``(end, type_len, version, position, at, hash)`` or the reason the frame is bad."""
     if size - offset < HEADER_SIZE:
@@ -128,70 +119,55 @@ def _frame_at(buf: bytes | memoryview, offset: int, size: int
     return end, type_len, version, position, at, digest
 
 
-def last_position_in(path: Path) -> int:
-    """The position of the last complete frame of a segment with a valid checksum, or 0: a
-    cheap look for read-only openers (it walks the headers, then checks frames from the end
-    until one is good); readers still check every frame they read."""
-    with open(path, "rb") as handle:
-        buf = handle.read()
-    size = len(buf)
-    offset = 0
-    starts = []
-    unpack = HEADER.unpack_from
-    while size - offset >= HEADER_SIZE:
-        head = unpack(buf, offset)
-        end = offset + HEADER_SIZE + head[2] + head[5]
-        if head[0] != MAGIC or end > size:
-            break
-        starts.append(offset)
-        offset = end
-    for offset in reversed(starts):  # a damaged header must not name the last position
-        frame = _frame_at(buf, offset, size)
-        if not isinstance(frame, str):
-            return frame[3]
-    return 0
-
-
-def scan_segment(path: Path, *, expect_first: int | None = None) -> ScanResult:
-    """Check every frame of a segment (CRC and consecutive positions) up to the first problem."""
-    buf = path.read_bytes()
-    size = len(buf)
-    offset = 0
-    last_position = 0
-    last_hash = GENESIS
-    count = 0
-    expected = expect_first
-    while offset < size:
-        frame = _frame_at(buf, offset, size)
-        if isinstance(frame, str):
-            return ScanResult(offset, last_position, last_hash, count, frame)
-        end, _, _, position, _, digest = frame
-        if expected is not None and position != expected:
-            return ScanResult(offset, last_position, last_hash, count,
-                              f"position {position} where {expected} was expected "
-                              f"at offset {offset}")
-        expected = position + 1
-        last_position, last_hash, count, offset = position, digest, count + 1, end
-    return ScanResult(offset, last_position, last_hash, count, None)
-
-
-def _good_frame_in(buf: bytes | memoryview, start: int, size: int) -> bool:
+def good_frame_in(buf: bytes | memoryview, start: int, size: int) -> bool:
     """True if a well-formed frame starts anywhere in ``buf[start:size]``."""
     data = buf if isinstance(buf, bytes) else bytes(buf[:size])
     while True:
         found = data.find(MAGIC, start, size)
         if found < 0:
             return False
-        if not isinstance(_frame_at(data, found, size), str):
+        if not isinstance(frame_at(data, found, size), str):
             return True
         start = found + 1
 
 
-def has_good_frame_after(path: Path, offset: int) -> bool:
-    """True if a well-formed frame starts anywhere after ``offset`` (so the damage is not a torn
-    tail but corruption in the middle)."""
-    buf = path.read_bytes()
-    return _good_frame_in(buf, offset + 1, len(buf))
+def damage_at(buf: bytes | memoryview, offset: int, size: int) -> str | None:
+    """Tell a torn tail from damage, where no good frame starts at ``offset``.
+
+    None if ``buf[offset:size]`` may be a frame that was never completely written (a torn
+    tail): fewer bytes than a header, a header whose length runs past ``size``, or a frame
+    whose end is zero bytes up to ``size`` (space the file system gave the file that no write
+    reached; a frame's type and data, JSON, never end with one). A write that stops early
+    leaves a prefix of good bytes, so a frame that is all there, ends with what was written
+    and still fails its check was damaged after it was written: the answer then says what
+    fails. A frame whose
+    length field was damaged is all there too, and is told apart by its checksum, which
+    matches the bytes up to ``size`` once the length says so. The caller checks that no good
+    frame follows (``good_frame_in``): a torn frame is always the last thing in the file.
+    """
+    rest = size - offset
+    if rest < HEADER_SIZE:
+        return None
+    tail = bytes(buf[offset:size])
+    if tail.count(0) == rest:
+        return None
+    type_len, crc, data_len = tail[3], *struct.unpack_from("<I2xI", tail, 4)
+    length = HEADER_SIZE + type_len + data_len
+    if length <= rest:
+        problem = frame_at(tail, 0, rest)
+        if not isinstance(problem, str):
+            return None  # a good frame: not for this function to judge
+        if len(tail.rstrip(b"\0")) < length:
+            return None  # its last bytes were never written
+        kind = "bad frame header" if problem.startswith("bad") else "checksum mismatch"
+        return f"{kind}, in a whole frame (so it was damaged after it was written)"
+    # It runs past the end. Its type length is outside the checksum; its data length is in it.
+    implied = rest - HEADER_SIZE - type_len
+    if zlib.crc32(tail[8:]) == crc or (implied >= 0 and zlib.crc32(
+            tail[8:10] + struct.pack("<I", implied) + tail[14:]) == crc):
+        return ("a damaged length field, in a whole frame (its checksum matches the bytes up "
+                "to the end of the file)")
+    return None
 
 
 class LogReader:
@@ -296,10 +272,15 @@ class LogReader:
                 unread = os.fstat(handle.fileno()).st_size - handle.tell()
                 chunk = handle.read(min(_CHUNK, max(unread, _SMALL_CHUNK)))
                 if not chunk:
-                    if pending and _good_frame_in(pending, 1, len(pending)):
+                    if not pending:
+                        return
+                    if good_frame_in(pending, 1, len(pending)):
                         raise self._damaged("a frame runs past the end of the file, and good "
                                             "frames follow it")
-                    return
+                    problem = damage_at(pending, 0, len(pending))
+                    if problem is not None:
+                        raise self._damaged(f"offset {self._offset}: {problem}")
+                    return  # a frame still being written, as far as can be told
                 buf = pending + chunk if pending else chunk
                 base = self._offset
                 size = len(buf)
@@ -316,11 +297,12 @@ class LogReader:
                     offset = end
                     self._offset = base + offset
                 while offset < size:
-                    frame = _frame_at(view, offset, size)
+                    frame = frame_at(view, offset, size)
                     if isinstance(frame, str):
-                        if frame != "torn" and has_good_frame_after(segment, base + offset):
-                            raise self._damaged(frame)
-                        # An incomplete (or torn) tail: not written yet, as far as we can tell.
+                        problem = None if frame == "torn" else damage_at(view, offset, size)
+                        if problem is not None:
+                            raise self._damaged(f"offset {base + offset}: {problem}")
+                        # Incomplete so far: judged once the end of the file is reached.
                         break
                     end, type_len, version, position, _, _ = frame
                     if position < next_position:
@@ -360,55 +342,77 @@ class VerifyResult:
     bad_position: int | None  # the first record that fails, if any
     problem: str | None
     torn_bytes: int  # incomplete bytes at the very end (a torn tail or a write in progress)
+    segment: str | None = None  # the file where the first bad record is, or should be
+    offset: int = 0  # and where in it
+    #: (snapshot file, what is wrong) for each snapshot whose anchor the log contradicts
+    snapshots: tuple[tuple[str, str], ...] = ()
 
     @property
     def ok(self) -> bool:
+        """True if every record checks out (the snapshots are judged apart)."""
         return self.bad_position is None
 
 
 def verify_log(directory: Path) -> VerifyResult:
-    """Check every frame's CRC, consecutive positions and the whole hash chain."""
+    """Check every frame's CRC, consecutive positions from 1, the whole hash chain, and every
+    snapshot's anchor against the chain: the deep check that reads the whole log."""
+    witnesses = {anchor.position: (path.name, anchor) for path, anchor in anchors(directory)}
+    contradicted: list[tuple[str, str]] = []
     previous = GENESIS
     expected = 1
     records = 0
     listing = segments(directory)
+
+    def result(problem: str | None = None, segment: str | None = None, offset: int = 0,
+               torn: int = 0) -> VerifyResult:
+        last = expected - 1
+        for position, (name, _) in sorted(witnesses.items()):
+            if position > last:
+                contradicted.append((name, f"it includes position {position}, but the log "
+                                           f"holds intact records only up to {last}"))
+        return VerifyResult(records, last, None if problem is None else expected, problem,
+                            torn, segment, offset, tuple(contradicted))
+
     for index, (first, path) in enumerate(listing):
         if first != expected:
-            return VerifyResult(records, expected - 1, expected,
-                                f"segment {path.name} starts at {first}, expected {expected}", 0)
+            return result(f"segment {path.name} starts at {first}, expected {expected}",
+                          path.name)
         buf = path.read_bytes()
         size = len(buf)
         view = memoryview(buf)
         offset = 0
         while offset < size:
-            frame = _frame_at(view, offset, size)
+            frame = frame_at(view, offset, size)
             if isinstance(frame, str):
-                last_segment = index == len(listing) - 1
-                if (frame == "torn" and last_segment
-                        and not _good_frame_in(buf, offset + 1, size)):
-                    return VerifyResult(records, expected - 1, None, None, size - offset)
-                reason = "incomplete frame" if frame == "torn" else frame
-                return VerifyResult(records, expected - 1, expected,
-                                    f"{path.name}: {reason}", 0)
+                followed = good_frame_in(buf, offset + 1, size)
+                damage = damage_at(view, offset, size)
+                if index == len(listing) - 1 and not followed and damage is None:
+                    return result(torn=size - offset)
+                if damage is not None:
+                    return result(f"{path.name}, offset {offset}: {damage}", path.name, offset)
+                reason = f"incomplete frame at offset {offset}" if frame == "torn" else frame
+                return result(f"{path.name}: {reason}", path.name, offset)
             end, type_len, _, position, _, digest = frame
             if position != expected:
-                return VerifyResult(records, expected - 1, expected,
-                                    f"{path.name}: position {position} where {expected} "
-                                    f"was expected (offset {offset})", 0)
+                return result(f"{path.name}: position {position} where {expected} was "
+                              f"expected (offset {offset})", path.name, offset)
             start = offset + HEADER_SIZE
             computed = chain_hash(previous, view[offset + 8: offset + 30],
                                   bytes(view[start: start + type_len]),
                                   view[start + type_len: end])
             if computed != digest:
-                return VerifyResult(records, expected - 1, expected,
-                                    f"{path.name}: hash chain broken at offset {offset} "
-                                    "(this record or the one before it was altered)", 0)
+                return result(f"{path.name}: hash chain broken at offset {offset} (this "
+                              "record or the one before it was altered)", path.name, offset)
+            witness = witnesses.pop(position, None)
+            if witness is not None and witness[1].chain_hash != digest.hex():
+                contradicted.append((witness[0], (
+                    f"it records the chain hash {witness[1].chain_hash[:16]}... for position "
+                    f"{position}, but the log's chain gives {digest.hex()[:16]}...")))
             previous = digest
             records += 1
             expected += 1
             offset = end
-    return VerifyResult(records, expected - 1, None, None, 0)
-
+    return result()
 
 
 def locate_record(directory: Path, position: int) -> tuple[str, int, bytes] | None:
@@ -425,7 +429,7 @@ def locate_record(directory: Path, position: int) -> tuple[str, int, bytes] | No
     size = len(buf)
     offset = 0
     while offset < size:
-        head = _frame_at(buf, offset, size)
+        head = frame_at(buf, offset, size)
         if isinstance(head, str):
             return None
         end, _, _, found, _, digest = head
@@ -448,7 +452,7 @@ def hash_at(directory: Path, segment: str, offset: int, position: int) -> bytes 
     except OSError:
         return None
     buf = head + rest
-    frame = _frame_at(buf, 0, len(buf))
+    frame = frame_at(buf, 0, len(buf))
     if isinstance(frame, str) or frame[3] != position:
         return None
     return frame[5]

@@ -6,7 +6,9 @@ it does no I/O and reads no clock. ``project`` folds records, ``replay`` folds a
 state, so that live and replayed states can be compared exactly.
 
 Snapshots are an optimisation only: each stores the position it includes and that record's
-chain hash, and is ignored unless the log still holds that very record.
+chain hash (its anchor, ``log.anchors``), and is ignored unless the log still holds that very
+record. They are also witnesses of the log's history: opening a log whose record contradicts
+a snapshot's anchor, or that lacks it, is refused (``log.integrity``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import msgspec
 
 from xml_pipeline.events import CATALOGUE, Event, Recorded
 from xml_pipeline.log import EventLog
+from xml_pipeline.log.anchors import ANCHOR_VERSION, SNAPSHOTS, Anchor
 from xml_pipeline.log.segments import hash_at, locate_record
 from xml_pipeline.state import agents, budgets, threads
 from xml_pipeline.state.agents import Agents
@@ -106,16 +109,14 @@ def project(records: Iterable[Recorded], state: State | None = None) -> State:
 
 # ------------------------------------------------------------------ snapshots
 
-_SNAPSHOT_DIR = "snapshots"
-_SNAPSHOT_VERSION = 1
+_SNAPSHOT_DIR = SNAPSHOTS
+_SNAPSHOT_VERSION = ANCHOR_VERSION
 
 
-class _Snapshot(msgspec.Struct):
-    version: int
-    position: int
-    segment: str
-    offset: int
-    chain_hash: str
+class _Snapshot(Anchor):
+    """A snapshot file: its anchor (what the log must still hold for the snapshot to apply,
+    checked by every open of the log), then the encoded state."""
+
     state: msgspec.Raw
 
 

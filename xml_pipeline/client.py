@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import httpx
+if TYPE_CHECKING:  # httpx (and the rich and pygments it imports) only for a request:
+    import httpx  # a running server that works out its own URL need not load them
 
 __all__ = ["Client", "ClientError", "default_url", "organism_url"]
 
@@ -69,6 +70,8 @@ class Client:
         self.url = url.rstrip("/")
         token = token if token is not None else os.environ.get(TOKEN_ENV)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        import httpx
+
         self._http = httpx.Client(base_url=self.url + "/api/v1", headers=headers,
                                   timeout=timeout)
 
@@ -95,6 +98,8 @@ class Client:
         raise ClientError(response.status_code, code, message)
 
     def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        import httpx
+
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
@@ -139,6 +144,8 @@ class Client:
         if types:
             params["type"] = ",".join(types)
         params = {k: v for k, v in params.items() if v is not None}
+        import httpx
+
         try:
             with self._http.stream("GET", "/events", params=params,
                                    timeout=httpx.Timeout(30.0, read=None)) as response:

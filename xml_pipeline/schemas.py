@@ -77,7 +77,11 @@ class PayloadSchema:
         """An example payload (XML text) built from the schema: required content, sample
         values. It is checked against the schema; if it does not fit (unusual facets), the
         bare root element is returned instead."""
-        text = _example(self)
+        # The common shapes from the XSD's own tree; the xmlschema view (about 11 MiB the
+        # process keeps) only for the others, or when the quick one does not fit.
+        text = _quick_example(self)
+        if text is None or not self.compiled.validate(etree.fromstring(text)):
+            text = _example(self)
         if not self.compiled.validate(etree.fromstring(text)):
             return f"<{self.root}/>" if not self.namespace else \
                 f'<{self.root} xmlns="{self.namespace}"/>'
@@ -251,6 +255,103 @@ def _fill(element: etree._Element, xsd_element: Any, depth: int) -> None:
             continue
         node = etree.SubElement(element, name)
         _fill(node, child, depth + 1)
+
+
+class _Unusual(Exception):
+    """A construct the quick example does not handle (the xmlschema view does)."""
+
+
+def _builtin(qname: str | None, scope: etree._Element) -> str:
+    prefix, _, local = (qname or "").rpartition(":")
+    if scope.nsmap.get(prefix or None) != XS or local not in _SAMPLES:
+        raise _Unusual(qname)
+    return _SAMPLES[local]
+
+
+def _quick_value(simple: etree._Element) -> str:
+    restriction = simple.find(f"{{{XS}}}restriction")
+    if restriction is None or len(simple) != 1:
+        raise _Unusual("simpleType")
+    values = restriction.findall(f"{{{XS}}}enumeration")
+    if values:
+        return str(values[0].get("value"))
+    facets = {etree.QName(c).localname: c.get("value", "") for c in restriction
+              if isinstance(c.tag, str) and c.tag != f"{{{XS}}}annotation"}
+    if set(facets) - {"minLength", "maxLength", "length"}:  # patterns, ranges: xmlschema's
+        raise _Unusual("facets")
+    value = _builtin(restriction.get("base"), restriction)
+    low = int(facets.get("length") or facets.get("minLength") or 0)
+    high = int(facets.get("length") or facets.get("maxLength") or max(low, len(value)))
+    if len(value) < low:
+        value = value * (low // len(value) + 1)
+    return value[:high]
+
+
+def _quick_fill(element: etree._Element, decl: etree._Element, named: dict[str, etree._Element],
+                depth: int) -> None:
+    if depth > 8 or decl.get("ref") or decl.get("fixed") or decl.get("default"):
+        raise _Unusual("element")
+    kind = decl.get("type")
+    body = named.get(kind.rpartition(":")[2]) if kind else None
+    if kind and body is None:
+        element.text = _builtin(kind, decl)
+        return
+    if body is None:
+        inline = [c for c in decl if isinstance(c.tag, str) and c.tag != f"{{{XS}}}annotation"]
+        body = inline[0] if len(inline) == 1 else None
+        if body is None:
+            raise _Unusual("no type")
+    if body.tag == f"{{{XS}}}simpleType":
+        element.text = _quick_value(body)
+        return
+    for part in _parts(body):
+        if etree.QName(part).localname == "attribute":
+            if part.get("use") == "required":
+                element.set(str(part.get("name")), _builtin(part.get("type"), part))
+        else:
+            _quick_group(element, part, named, depth)
+
+
+def _parts(node: etree._Element) -> list[etree._Element]:
+    return [c for c in node if isinstance(c.tag, str) and c.tag != f"{{{XS}}}annotation"]
+
+
+def _quick_group(element: etree._Element, group: etree._Element,
+                 named: dict[str, etree._Element], depth: int) -> None:
+    """Fill ``element`` with what a sequence, all or choice (its first branch) requires."""
+    local = etree.QName(group).localname
+    if local not in ("sequence", "all", "choice") or group.get("minOccurs"):
+        raise _Unusual(local)
+    parts = _parts(group)
+    for part in parts[:1] if local == "choice" else parts:
+        if etree.QName(part).localname != "element":
+            _quick_group(element, part, named, depth)
+        elif not part.get("name"):
+            raise _Unusual("element")
+        elif part.get("minOccurs") != "0" or depth == 0:
+            _quick_fill(etree.SubElement(element, str(part.get("name"))), part, named,
+                        depth + 1)
+
+
+def _quick_example(schema: PayloadSchema) -> str | None:
+    """An example from the XSD's tree for schemas without a namespace made of sequences,
+    choices, required attributes and built-in or enumerated simple types; None for others."""
+    if schema.namespace:
+        return None
+    tree = etree.fromstring(schema.text.encode(), etree.XMLParser(
+        resolve_entities=False, no_network=True, load_dtd=False))
+    named = {str(t.get("name")): t for t in tree if isinstance(t.tag, str)
+             and t.tag in (f"{{{XS}}}complexType", f"{{{XS}}}simpleType")}
+    decl = next((e for e in tree if isinstance(e.tag, str) and e.tag == f"{{{XS}}}element"
+                 and e.get("name") == schema.root), None)
+    if decl is None:
+        return None
+    root = etree.Element(schema.root)
+    try:
+        _quick_fill(root, decl, named, 0)
+    except _Unusual:
+        return None
+    return etree.tostring(root, pretty_print=True, encoding="unicode").strip()
 
 
 def _example(schema: PayloadSchema) -> str:

@@ -7,7 +7,7 @@ import asyncio
 import json
 import logging
 import socket
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +27,10 @@ from tests.conftest import write_organism
 from tests.test_pump import ITEM_XSD, ORGANISM, item
 from xml_pipeline.api import stream
 from xml_pipeline.envelope import format_timestamp
+from xml_pipeline.errors import LogCorruptedError
 from xml_pipeline.events import CATALOGUE, Event, MessageAccepted, MessageDelivered, Recorded
 from xml_pipeline.log.file import open_file_log
-from xml_pipeline.organism import load_organism
+from xml_pipeline.organism import Organism, load_organism
 from xml_pipeline.pump import Pump, open_pump
 
 Frame = dict[str, str]
@@ -490,3 +491,60 @@ async def test_the_server_shuts_down_cleanly_with_streams_open(
     assert not any("timeout graceful shutdown" in r.getMessage() for r in caplog.records)
     async with await open_file_log(tmp_path / "events", readonly=True) as log:
         assert type([r async for r in log.read()][-1].event).__name__ == "OrganismStopped"
+
+
+# ------------------------------------------------------------------ a damaged log
+
+
+async def damaged_log(tmp_path: Path, organism: Organism | None = None, to: str = "third",
+                      payload: Callable[[int], str] = item) -> int:
+    """A log in ``tmp_path / "events"`` of small segments, stopped gracefully (so a snapshot
+    covers it all), with one byte flipped inside a record in the middle of a sealed segment:
+    opening passes (it checks the ends of sealed segments, not every record), reading
+    through it fails. The last good position before the damage."""
+    handlers.reset()
+    organism = organism or load_organism(write_organism(tmp_path / "first", ORGANISM,
+                                                        schemas={"item.xsd": ITEM_XSD}))
+    async with await open_file_log(tmp_path / "events", segment_bytes=8192) as log, \
+            open_pump(organism, log) as pump:
+        for n in range(60):
+            await pump.inject(payload(n), to=to)
+        await pump.wait_idle()
+    sealed = sorted((tmp_path / "events").glob("*.log"))[1]
+    data = bytearray(sealed.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    sealed.write_bytes(bytes(data))
+    async with await open_file_log(tmp_path / "events", readonly=True) as log:
+        good = 0
+        with pytest.raises(LogCorruptedError) as damage:
+            async for record in log.read():
+                good = record.position
+    assert damage.value.position == good + 1
+    return good
+
+
+async def test_a_stream_that_reaches_damage_says_so_and_ends_and_the_server_goes_on(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    good = await damaged_log(tmp_path)
+    async with serve(tmp_path) as served, httpx.AsyncClient(timeout=30) as http:
+        async with http.stream("GET", served.events, params={"after": 0}) as response:
+            taken = [frame async for frame in frames(response) if "comment" not in frame]
+        error = taken.pop()
+        assert (error["event"], int(error["id"])) == ("error", good)
+        notice = json.loads(error["data"])["error"]
+        assert (notice["code"], notice["after"]) == ("log_corrupted", good)
+        assert f"damaged at position {good + 1}" in notice["message"]
+        assert positions(taken) == list(range(1, good + 1))
+        async with connect(served.ws) as ws:
+            await subscribe(ws, {"after": 0})
+            received = []
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    received.append(json.loads(await ws.recv()))
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
+        assert received.pop()["error"] == notice
+        assert [r["position"] for r in received] == list(range(1, good + 1))
+        await run(served.pump, item("after"), to="third")  # the organism goes on
+    assert not [r for r in caplog.records if r.exc_info]  # a line each, no traceback
+    assert [r.getMessage() for r in caplog.records if "event stream stopped" in r.getMessage()
+            ] == [f"An event stream stopped after position {good}: {notice['message']}"] * 2

@@ -13,8 +13,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.test_api_stream import damaged_log
 from tests.test_cli_log import EVENTS, data, run, tail_json
 from xml_pipeline.cli import main
+from xml_pipeline.organism import load_organism
 
 __all__ = ["data"]  # the fixture, shared with the log's CLI tests
 
@@ -164,6 +166,24 @@ async def test_tail_url_no_follow_exits_1_when_the_organism_stops(tmp_path: Path
     _, err = await tail.communicate()
     assert tail.returncode == 1
     assert err.decode().endswith("; not reconnecting (--no-follow).\n")
+
+
+async def test_tail_url_stops_with_exit_1_where_the_log_is_damaged(tmp_path: Path) -> None:
+    # Reconnecting would reach the same damage again: it says where, and stops.
+    good = await damaged_log(tmp_path, load_organism(ROOT / "organism.yaml"), to="greeter",
+                             payload=lambda n: f"<Greeting><name>n{n}</name></Greeting>")
+    port = free_port()
+    server = await start_server(port, tmp_path / "events")
+    try:
+        tail = await tail_process(port, "--after", "0")
+        out, err = await tail.communicate()
+    finally:
+        await stop(server)
+    assert tail.returncode == 1
+    printed = [json.loads(line)["position"] for line in out.decode().splitlines()]
+    assert printed and max(printed) <= good
+    assert err.decode().startswith(f"The log is damaged at position {good + 1} (")
+    assert err.decode().endswith(f" (the stream stopped after #{good})\n")
 
 
 @pytest.mark.parametrize(("argv", "complaint"), [

@@ -158,8 +158,10 @@ def documented_close_codes() -> dict[int, str]:
 
 def test_the_documented_close_codes_are_the_servers() -> None:
     codes = documented_close_codes()
-    assert sorted(codes) == sorted({stream.LAGGING_CLOSE_CODE, stream.SHUTDOWN_CLOSE_CODE})
+    assert sorted(codes) == sorted({stream.LAGGING_CLOSE_CODE, stream.SHUTDOWN_CLOSE_CODE,
+                                    stream.DAMAGED_CLOSE_CODE})
     assert "lagging" in codes[stream.LAGGING_CLOSE_CODE]
+    assert "damaged" in codes[stream.DAMAGED_CLOSE_CODE]
     assert "shut" in codes[stream.SHUTDOWN_CLOSE_CODE]
 
 

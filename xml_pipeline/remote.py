@@ -143,6 +143,10 @@ def tail_command(args: argparse.Namespace) -> int:
                     after = max(0, int(client.get("/organism")["position"]) - (args.lines or 0))
                 for item in client.events(after=after, thread=args.thread, agent=args.agent,
                                           types=args.type, on_open=opened):
+                    if "error" in item:  # the log is damaged there: reading on fails again
+                        print(f"{item['error']['message']} (the stream stopped after "
+                              f"#{item['error']['after']})", file=sys.stderr)
+                        return 1
                     if "position" not in item:  # a lagging notice: resume where it says
                         after = int(item["after"])
                         raise ClientError(0, "lagging", str(item.get("message")))

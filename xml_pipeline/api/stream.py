@@ -13,7 +13,8 @@ calls ``close_streams(app)`` as shutdown begins. Streams also end when the log c
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from contextlib import aclosing, suppress
 from dataclasses import dataclass
 from typing import Any
@@ -33,11 +34,12 @@ from starlette.websockets import (
 
 from xml_pipeline.api.responses import ApiError, error_response
 from xml_pipeline.envelope import format_timestamp
+from xml_pipeline.errors import LogCorruptedError
 from xml_pipeline.events import CATALOGUE, Event, Recorded
 from xml_pipeline.pump import Pump
 
-__all__ = ["KEEPALIVE_INTERVAL", "LAGGING_CLOSE_CODE", "MAX_LAG", "SHUTDOWN_CLOSE_CODE",
-           "Subscription", "close_streams", "routes"]
+__all__ = ["DAMAGED_CLOSE_CODE", "KEEPALIVE_INTERVAL", "LAGGING_CLOSE_CODE", "MAX_LAG",
+           "SHUTDOWN_CLOSE_CODE", "Subscription", "close_streams", "routes"]
 
 #: Seconds of silence after which an SSE stream sends a ``: keepalive`` comment.
 KEEPALIVE_INTERVAL = 15.0
@@ -45,6 +47,9 @@ KEEPALIVE_INTERVAL = 15.0
 MAX_LAG = 100_000
 #: The WebSocket close code after a lagging notice ("try again later").
 LAGGING_CLOSE_CODE = 1013
+#: The WebSocket close code after an ``error`` notice: the log is damaged where the stream
+#: reached ("internal error"; the server goes on, and so do streams that stay before it).
+DAMAGED_CLOSE_CODE = 1011
 #: The WebSocket close code when the server shuts down or the log closes ("service restart").
 #: uvicorn closes every open WebSocket with 1012 as its shutdown begins, before the
 #: application hears of it; the application's own closes use the same code, so a client sees
@@ -52,6 +57,8 @@ LAGGING_CLOSE_CODE = 1013
 SHUTDOWN_CLOSE_CODE = 1012
 
 _LAGGING = "lagging"
+_ERROR = "error"
+_log = logging.getLogger("xml_pipeline.api")
 _AGENT_FIELDS = ("listener", "agent", "sender", "to")
 _OPTIONS = ("after", "thread", "agent", "types")
 _encode = msgspec.json.Encoder().encode
@@ -170,15 +177,21 @@ def _body(record: Recorded) -> bytes:
 
 
 async def _items(pump: Pump, wanted: Subscription) -> AsyncGenerator[_Item, None]:
-    """The subscription's events in order; after a lagging notice, or when the log closes,
-    it ends."""
+    """The subscription's events in order; after a lagging notice, an error notice (the log
+    is damaged where it reads), or when the log closes, it ends."""
     log = pump.log
     accepts = _Filter(pump, wanted)
     closest: int | None = None
     task = asyncio.current_task()
     records = log.follow(wanted.after)
+    last_read = wanted.after if wanted.after is not None else log.last_position
+    checked = _undamaged(records, lambda: last_read)
     try:
-        async for record in records:
+        async for record in checked:
+            if isinstance(record, _Item):
+                yield record
+                return
+            last_read = record.position
             if task is not None and task.cancelling():
                 return  # a cancellation that follow() swallowed (wait_for in Python 3.11)
             last = log.last_position
@@ -195,9 +208,24 @@ async def _items(pump: Pump, wanted: Subscription) -> AsyncGenerator[_Item, None
             if accepts(record.event):
                 yield _Item(record.position, type(record.event).__name__, _body(record))
     finally:
+        await checked.aclose()
         close = getattr(records, "aclose", None)  # the protocol promises an iterator only
         if close is not None:
             await close()
+
+
+async def _undamaged(records: AsyncIterator[Recorded], last: Callable[[], int]
+                     ) -> AsyncGenerator[Recorded | _Item, None]:
+    """``records``, then an error notice instead of the exception if the log is damaged where
+    they are read (the one sure-to-fail place: reading on would fail again)."""
+    try:
+        async for record in records:
+            yield record
+    except LogCorruptedError as exc:
+        after = last()
+        _log.warning("An event stream stopped after position %d: %s", after, exc.message)
+        yield _Item(after, _ERROR, _encode({"error": {
+            "code": exc.code, "after": after, "message": exc.message}}))
 
 
 async def _first_of(*waits: Coroutine[Any, Any, object]) -> None:
@@ -340,6 +368,10 @@ async def _forward(websocket: WebSocket, lock: asyncio.Lock, pump: Pump,
             if item.kind == _LAGGING:
                 await _send(websocket, lock, b'{"lagging":%s}' % item.data)
                 await _close(websocket, lock, LAGGING_CLOSE_CODE, "lagging")
+                return
+            if item.kind == _ERROR:
+                await _send(websocket, lock, item.data)
+                await _close(websocket, lock, DAMAGED_CLOSE_CODE, "the event log is damaged")
                 return
             if not await _send(websocket, lock, item.data):
                 return

@@ -227,8 +227,11 @@ def test_limit_a_remote_xsd_import_is_fetched_by_the_xmlschema_view_not_by_lxml(
         schema = load_schema(path)  # what loading organism.yaml does
         schema.validate(etree.fromstring(b"<A>x</A>"))  # what every message goes through
         assert hits == []
-        # The pure-Python view (dict payloads, GET /capabilities/{name} examples) fetches it.
+        # An example (GET /capabilities/{name}, the start banner) comes from the XSD's own
+        # tree: nothing fetched. The pure-Python view (dict payloads) fetches it.
         assert schema.example() == "<A>text</A>"
+        assert hits == []
+        assert "{urn:r}R" in schema.xmlschema().maps.elements
         assert hits == ["/remote.xsd"]
 
 

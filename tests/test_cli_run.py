@@ -106,11 +106,12 @@ def test_banner_inject_command_works_as_pasted(tmp_path: Path) -> None:
          str(data), "--port", str(port), "--no-watch", "--no-access-log"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert process.stdout is not None
-    banner = ""
+    banner = running = ""
     for line in process.stdout:
         if line.startswith("inject with: "):
             banner = line.removeprefix("inject with: ").strip()
         if "Uvicorn running on" in line:
+            running = line
             break
     try:
         argv = shlex.split(banner)
@@ -119,6 +120,8 @@ def test_banner_inject_command_works_as_pasted(tmp_path: Path) -> None:
         result = run(*argv[1:], cwd=tmp_path)
         assert result.returncode == 0, result.stderr
         assert result.stdout.startswith("accepted message ")
+        # uvloop is installed (uvicorn[standard]): the server runs on it, as the soak did.
+        assert running.rstrip().endswith("; event loop: uvloop)"), running
     finally:
         process.send_signal(signal.SIGTERM)
         process.communicate(timeout=60)

@@ -359,6 +359,12 @@ def _inject_hint(organism: Organism, host: str, port: int) -> str:
             f"{shlex.quote(payload)}")
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from xml_pipeline.api.server import run_until_complete
+
+    return run_until_complete(_run(args))
+
+
 async def _run(args: argparse.Namespace) -> int:
     """Exit status: 0 stopped, 1 the organism or its log is invalid, 2 the address cannot be
     taken. A startup failure is one line on standard error, and records nothing."""
@@ -450,7 +456,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-access-log", action="store_true", help="do not log each request")
     run.add_argument("--no-watch", action="store_true",
                      help="do not reload when organism.yaml, its XSDs or handlers change")
-    run.set_defaults(run=lambda a: asyncio.run(_run(a)))
+    run.set_defaults(run=_cmd_run)
 
     inject = commands.add_parser("inject", help="send a message to a running organism")
     inject.add_argument("--to", help="listener name (omit if PAYLOAD is a full envelope)")

@@ -17,9 +17,11 @@ import ipaddress
 import logging
 import signal
 import socket
+from collections.abc import Coroutine
 from contextlib import suppress
 from pathlib import Path
 from types import FrameType
+from typing import Any, TypeVar
 
 import uvicorn
 from starlette.applications import Starlette
@@ -31,7 +33,9 @@ from xml_pipeline.organism import Organism
 from xml_pipeline.pump import Pump
 
 __all__ = ["CannotBindError", "Server", "UnsafeBindError", "config", "is_loopback",
-           "listening_socket", "serve", "steady_heap"]
+           "listening_socket", "loop_name", "run_until_complete", "serve", "steady_heap"]
+
+T = TypeVar("T")
 
 
 class UnsafeBindError(Exception):
@@ -52,8 +56,8 @@ class Server(uvicorn.Server):
         if self.started and sockets:  # uvicorn says where it listens only for its own sockets
             host, port = sockets[0].getsockname()[:2]
             logging.getLogger("uvicorn.error").info(
-                "Uvicorn running on http://%s:%d (Press CTRL+C to quit)",
-                f"[{host}]" if ":" in host else host, port)
+                "Uvicorn running on http://%s:%d (Press CTRL+C to quit; event loop: %s)",
+                f"[{host}]" if ":" in host else host, port, loop_name())
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         if isinstance(self.config.app, Starlette):
@@ -131,6 +135,26 @@ def config(organism: Organism, *, host: str, port: int, data: Path | None, token
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 _MMAP_THRESHOLD = 256 * 1024
+
+
+def loop_name() -> str:
+    """The running event loop's implementation: ``uvloop`` or ``asyncio``."""
+    module = type(asyncio.get_running_loop()).__module__
+    return "uvloop" if module.startswith("uvloop") else "asyncio"
+
+
+def run_until_complete(main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` to its end on uvloop when it is installed, else on asyncio's loop.
+
+    ``uvicorn.Config(loop="uvloop")`` only applies when uvicorn creates the loop itself; a
+    server started inside a running loop (as ``serve`` is) runs on whatever loop that is."""
+    factory = None
+    if importlib.util.find_spec("uvloop"):
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
 
 
 def steady_heap() -> bool:

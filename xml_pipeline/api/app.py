@@ -61,7 +61,10 @@ async def openapi(request: Request) -> Response:
 
 
 def _api_routes() -> list[Any]:
-    return [*views.routes, *commands.routes, *stream.routes]
+    """Every route under /api/v1, ``POST /inject`` first: Starlette tries routes in order,
+    and inject is the one the load is on (each route tried costs a regular-expression match)."""
+    routes = [*views.routes, *commands.routes, *stream.routes]
+    return sorted(routes, key=lambda route: getattr(route, "path", "") != "/inject")
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:
@@ -180,12 +183,12 @@ def create_app(organism: Organism, *, data: Path | None = None, token: str | Non
         Middleware(BodyLimitMiddleware, limit=limit, exempt=("/api/v1/inject",)),
     ]
     routes = [
-        Route("/health", health, methods=["GET"], include_in_schema=False),
-        Route("/metrics", metrics, methods=["GET"], include_in_schema=False),
         Mount("/api/v1", routes=[
             *_api_routes(),
             Route("/openapi.json", openapi, methods=["GET"], include_in_schema=False),
         ]),
+        Route("/health", health, methods=["GET"], include_in_schema=False),
+        Route("/metrics", metrics, methods=["GET"], include_in_schema=False),
     ]
     handlers: dict[Any, Any] = {
         ApiError: _api_error,

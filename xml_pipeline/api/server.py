@@ -12,6 +12,7 @@ import asyncio
 import ctypes
 import ctypes.util
 import errno
+import gc
 import importlib.util
 import ipaddress
 import logging
@@ -184,6 +185,10 @@ async def serve(organism: Organism, *, host: str, port: int, data: Path | None =
     sock = listening_socket(host, port)
     try:
         async with open_organism(organism, directory) as pump:
+            # What start-up built (modules, schemas, the replayed state) lives until exit:
+            # moved out of the collector's generations, its full passes no longer scan it.
+            gc.collect()
+            gc.freeze()
             stop = asyncio.Event()
             server = Server(config(organism, host=host, port=sock.getsockname()[1],
                                    data=directory, token=token, access_log=access_log,

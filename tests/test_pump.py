@@ -12,6 +12,7 @@ import pytest
 
 from tests import handlers
 from tests.conftest import write_organism
+from xml_pipeline import delivery
 from xml_pipeline.envelope import ENVELOPE_NS
 from xml_pipeline.errors import (
     EnvelopeError,
@@ -389,3 +390,22 @@ async def test_a_queued_message_at_the_size_cap_is_delivered_after_a_restart(
     await log.aclose()
     assert [(s["message_id"], len(s["n"])) for s in handlers.seen] == [
         (accepted.message_id, 4096 - 20)]
+
+
+async def test_a_worker_lets_the_loop_run_while_it_drains_a_backlog(
+        pump: Pump, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The handler returns without suspending; draining a backlog must still leave the event
+    # loop turns for everything else (HTTP, /health) along the way: every TURN deliveries
+    # (made smaller than the backlog, which the mailbox here caps at 200).
+    monkeypatch.setattr(delivery, "TURN", 16)
+    await pump.pause("third", by="test")
+    for k in range(150):
+        await pump.inject(item(k), to="third")
+    await pump.resume("third", by="test")
+    seen = []
+    while not seen or seen[-1]:
+        await asyncio.sleep(0)
+        seen.append(pump.mailbox("third").statistics().queued)
+    assert len(seen) > 2 and seen == sorted(seen, reverse=True)
+    await pump.wait_idle()
+    assert [s["n"] for s in handlers.seen] == [str(k) for k in range(150)]

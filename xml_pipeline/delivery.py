@@ -42,6 +42,9 @@ PARKED = "\0parked"
 REQUEUE = "\0requeue"
 
 
+#: deliveries a worker makes before it lets the rest of the event loop run
+TURN = 256
+
 class Deliverer:
     def __init__(self, *, ledger: Ledger, clock: Clock, mailboxes: dict[str, Mailbox],
                  listeners: Callable[[], Mapping[str, Listener]], send: SendFunction,
@@ -79,8 +82,14 @@ class Deliverer:
             listener = self._listeners().get(name)
             return listener is None or index >= listener.concurrency
 
+        handled = 0
         while True:
             await self._ledger.wait_healthy()  # no dispatching while the log cannot be written
+            handled += 1
+            if handled % TURN == 0:
+                # A handler that never suspends would otherwise let this loop drain the whole
+                # mailbox in one turn of the event loop, with HTTP (and /health) waiting.
+                await asyncio.sleep(0)
             mailbox = self.mailboxes.get(name)
             if mailbox is None:
                 return

@@ -22,13 +22,7 @@ from starlette.responses import Response
 from starlette.routing import Mount, Route
 
 from xml_pipeline.api import commands, stream, views
-from xml_pipeline.api.auth import (
-    AuthMiddleware,
-    BodyLimitMiddleware,
-    LocalOnlyMiddleware,
-    RequestIdMiddleware,
-    RequestLimitMiddleware,
-)
+from xml_pipeline.api.auth import BodyLimitMiddleware, GuardMiddleware, RequestLimitMiddleware
 from xml_pipeline.api.metrics import Observer, metrics
 from xml_pipeline.api.openapi import document
 from xml_pipeline.api.responses import ApiError, JSONResponse, error_response
@@ -173,9 +167,7 @@ def create_app(organism: Organism, *, data: Path | None = None, token: str | Non
 
     limit = max_body if max_body is not None else organism.limits.max_bytes
     middleware = [
-        Middleware(RequestIdMiddleware),
-        Middleware(AuthMiddleware, token=token),
-        Middleware(LocalOnlyMiddleware, token=token),
+        Middleware(GuardMiddleware, token=token),
         # The limits in force are the running organism's: a reload changes them.
         Middleware(RequestLimitMiddleware, limit=lambda: _max_requests(app),
                    body_timeout=lambda: _body_timeout(app), max_body=lambda: limit,

@@ -10,6 +10,7 @@ order, and a crash before they are durable only means the message is delivered a
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -36,10 +37,14 @@ __all__ = ["Deliverer"]
 
 SendFunction = Callable[[Listener, Delivery, str, Payload, bool], Awaitable[str | None]]
 AgentFunction = Callable[[Listener, Any, Context], Awaitable[None]]
-#: what ``call`` returns when the handler could not run for lack of budget
-PARKED = "\0parked"
-#: what ``call`` returns when the log failed while the handler ran
-REQUEUE = "\0requeue"
+
+
+class Held(enum.Enum):
+    """What ``call`` returns when the handler's outcome is neither success nor an error."""
+
+    PARKED = "parked"  # it could not run for lack of budget: the thread waits for a raise
+    REQUEUE = "requeue"  # the log failed while it ran: it is handled again later
+
 
 
 #: deliveries a worker makes before it lets the rest of the event loop run
@@ -138,7 +143,7 @@ class Deliverer:
                                                 redelivery=delivery.redelivery)])
             started = time.perf_counter()
             error = await self.call(listener, delivery, attempt)
-            if error is PARKED:
+            if error is Held.PARKED:
                 self.parked.setdefault(delivery.thread_id, []).append((name, delivery))
                 return
             if delivery.message_id in self.killed:
@@ -148,7 +153,7 @@ class Deliverer:
                                                   thread_id=delivery.thread_id,
                                                   reason="thread killed")])
                 return
-            if error is REQUEUE:
+            if error is Held.REQUEUE:
                 self._requeue(name, delivery, closed=False)
                 return
             if error is None:
@@ -194,9 +199,10 @@ class Deliverer:
         delivery.redelivery = True
         mailbox.put(delivery, reserved=False)
 
-    async def call(self, listener: Listener, delivery: Delivery, attempt: int) -> str | None:
+    async def call(self, listener: Listener, delivery: Delivery, attempt: int
+                   ) -> str | Held | None:
         """Run the handler once; the error text if it failed, None if it succeeded (or was
-        cancelled by a thread kill, which the caller checks)."""
+        cancelled by a thread kill, which the caller checks), or why it is ``Held``."""
         info = HandlerInfo(name=listener.name, peers=listener.peers,
                            message_id=delivery.message_id, thread=delivery.thread_id,
                            sender=delivery.sender, parent=delivery.parent_id,
@@ -226,9 +232,9 @@ class Deliverer:
         except TimeoutError:
             return f"The handler timed out after {listener.timeout:g}s."
         except BudgetExhaustedError:
-            return PARKED  # BudgetExhausted is recorded; the thread waits for a raise
+            return Held.PARKED  # BudgetExhausted is recorded; the thread waits for a raise
         except (BusyError, LogError):
-            return REQUEUE  # the log failed under the handler: handle it again later
+            return Held.REQUEUE  # the log failed under the handler: handle it again later
         except Exception as exc:  # the handler's own failure, recorded with its text
             return f"{type(exc).__name__}: {exc}"
         finally:

@@ -23,8 +23,7 @@ from xml_pipeline.state import replay
 
 
 async def _healthy(pump: Pump) -> None:
-    while pump.fault is not None:
-        await pump._signal.wait()
+    await pump.wait_until(lambda: pump.fault is None)
 
 
 @pytest.mark.parametrize("fault", ["write", "sync"])
@@ -38,8 +37,7 @@ async def test_a_failing_disk_stops_the_pump_and_it_resumes(
         await pump.inject(item(0), to="third")
         await pump.wait_idle()
         blocked = await pump.inject(item(1), to="slow")  # its handler waits for the gate
-        while not handlers.entered:
-            await pump._signal.wait()
+        await pump.wait_until(lambda: bool(handlers.entered))
         durable = log.last_position
         disk.set(fault)
         with pytest.raises(LogWriteError):
@@ -49,8 +47,8 @@ async def test_a_failing_disk_stops_the_pump_and_it_resumes(
         assert refused.value.message.startswith("The event log cannot be written (No space "
                                                 "left on device), so no message is accepted")
         handlers.gate.set()  # the handler's send and outcome now meet the failing log
-        while pump.mailbox("slow").statistics().queued == 0:  # back in its mailbox
-            await pump._signal.wait()
+        # back in its mailbox
+        await pump.wait_until(lambda: pump.mailbox("slow").statistics().queued > 0)
         assert log.last_position == durable  # nothing more became durable
         assert [s["listener"] for s in handlers.seen] == ["third", "slow"]
         disk.set(None)

@@ -198,8 +198,7 @@ async def test_pause_holds_messages_and_resume_delivers_them_in_order(pump: Pump
 async def test_kill_cancels_the_handler_in_flight_and_closes_the_thread(
         pump: Pump, log: FileLog) -> None:
     accepted = await pump.inject(item(1), to="slow")
-    while not handlers.entered:
-        await pump._signal.wait()
+    await pump.wait_until(lambda: bool(handlers.entered))
     queued = await pump.inject(item(2), to="slow", thread_id=accepted.thread_id)
     assert await pump.kill_thread(accepted.thread_id, by="test")
     handlers.gate.set()  # had the handler survived, it would now send to third
@@ -297,8 +296,7 @@ async def test_restart_redelivers_unfinished_messages(organism_path: Path, tmp_p
         await pump.pause("third", by="test")
         accepted = await pump.inject(item(1), to="third")
         blocked = await pump.inject(item(2), to="slow")
-        while not handlers.entered:
-            await pump._signal.wait()
+        await pump.wait_until(lambda: bool(handlers.entered))
     await log.aclose()
     handlers.reset()
     handlers.gate.set()

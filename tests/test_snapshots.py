@@ -42,8 +42,7 @@ CHILD = textwrap.dedent("""
             for k in range({messages}):
                 await pump.inject(f"<Item><n>{{k}}</n></Item>", to="first")
             await pump.wait_idle()
-            while not list((data / "snapshots").glob("*.snapshot")):
-                await pump._signal.wait()
+            await pump.wait_until(lambda: any((data / "snapshots").glob("*.snapshot")))
             await pump.inject("<Item><n>tail</n></Item>", to="first")
             await pump.wait_idle()
             print("ready", flush=True)
@@ -67,8 +66,7 @@ async def wait_until(pump: Pump, condition: Callable[[], bool]) -> None:
     """Wait until ``condition()`` holds; the pump signals every change, a finished snapshot
     write included. The bound only turns a hang into a failure."""
     async with asyncio.timeout(BOUND):
-        while not condition():
-            await pump._signal.wait()
+        await pump.wait_until(condition)
 
 
 async def inject_conversations(pump: Pump, count: int, *, first: int = 0) -> None:
@@ -83,7 +81,7 @@ async def test_a_running_pump_saves_snapshots_that_resume_to_the_same_state(
         await inject_conversations(pump, MESSAGES)
         # Saved while running (no stop yet); only the newest two are kept.
         await wait_until(pump, lambda: bool(snapshot_files(log)))
-        await wait_until(pump, lambda: pump._snapshot_task is None)
+        await wait_until(pump, lambda: not pump.snapshotting)
         files = snapshot_files(log)
         assert 1 <= len(files) <= 2
         snapshot = latest_snapshot(log.directory)
@@ -100,7 +98,7 @@ async def test_no_periodic_snapshot_when_disabled(organism_path: Path, log: File
     async with open_pump(load_organism(organism_path), log, snapshot_every=0) as pump:
         await inject_conversations(pump, 10)
         assert pump.state.position > 100
-        assert pump._snapshot_task is None
+        assert not pump.snapshotting
         assert snapshot_files(log) == []
     assert len(snapshot_files(log)) == 1  # the one saved on the graceful stop
 
@@ -128,7 +126,7 @@ async def test_a_graceful_stop_waits_for_a_periodic_snapshot_then_saves_its_own(
     async with open_pump(load_organism(organism_path), log, snapshot_every=EVERY) as pump:
         pump.observe(on_event)
         await inject_conversations(pump, 10)
-        assert pump._snapshot_task is not None  # one in flight; no second one meanwhile
+        assert pump.snapshotting  # one in flight; no second one meanwhile
     periodic, final = calls[0][1], log.last_position
     assert EVERY <= periodic < final
     assert calls == [("start", periodic), ("end", periodic), ("start", final), ("end", final)]
@@ -152,7 +150,7 @@ async def test_a_snapshot_that_cannot_be_written_changes_nothing_else(
         assert warning.levelno == logging.WARNING
         assert str(log.directory) in warning.getMessage()
         # The pump goes on: messages flow, and a later snapshot is tried again (and fails).
-        await wait_until(pump, lambda: pump._snapshot_task is None)
+        await wait_until(pump, lambda: not pump.snapshotting)
         caplog.clear()
         await inject_conversations(pump, 10, first=10)
         assert pump.fault is None
@@ -216,8 +214,8 @@ async def test_a_reload_changes_how_often_snapshots_are_taken(
         assert result.success and result.restart_needed == ()
         assert pump.snapshot_every == EVERY
         await inject_conversations(pump, MESSAGES)
-        while not snapshot_files(log):  # taken while running, at the new pace
-            await pump._signal.wait()
+        # taken while running, at the new pace
+        await pump.wait_until(lambda: bool(snapshot_files(log)))
         organism_path.write_text(text.replace(
             "organism: {name: pump-test}",
             "organism: {name: pump-test, log: {snapshot_every: 0, fsync: always}}"))
@@ -245,8 +243,7 @@ async def test_periodic_snapshots_never_read_the_log_to_find_their_record(
     monkeypatch.setattr(state_module, "locate_record", counting)
     async with open_pump(load_organism(organism_path), log, snapshot_every=EVERY) as pump:
         await inject_conversations(pump, MESSAGES)
-        while len(snapshot_files(log)) < 2:
-            await pump._signal.wait()
+        await pump.wait_until(lambda: len(snapshot_files(log)) >= 2)
         # Each was taken at the end of a write batch, whose place the log remembered.
         assert reads == []
         snapshot = latest_snapshot(log.directory)

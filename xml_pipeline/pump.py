@@ -473,8 +473,18 @@ class Pump:
 
     async def wait_idle(self) -> None:
         """Return once nothing is being accepted or handled and nothing deliverable waits."""
-        while not self._idle():
+        await self.wait_until(self._idle)
+
+    async def wait_until(self, condition: Callable[[], bool]) -> None:
+        """Return once ``condition()`` holds, checking it after every change the pump makes
+        (a message accepted, an outcome folded, a handler entered, a snapshot written)."""
+        while not condition():
             await self._signal.wait()
+
+    @property
+    def snapshotting(self) -> bool:
+        """Whether a periodic snapshot is being written now."""
+        return self._snapshot_task is not None
 
     def mailbox(self, name: str) -> Mailbox:
         return self._mailboxes[name]

@@ -138,3 +138,16 @@ def test_run_loads_no_http_client_library() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             cwd=Path(__file__).parent.parent, check=True, timeout=60)
     assert result.stdout.strip() == "[]"
+
+
+def test_run_on_asyncios_own_loop_when_asked(tmp_path: Path) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "xml_pipeline", "run", "organism.yaml", "--data",
+         str(tmp_path / "events"), "--port", str(free_port()), "--no-watch", "--loop", "asyncio"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert process.stdout is not None
+    running = next((line for line in process.stdout if "Uvicorn running on" in line), "")
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=60)
+    assert running.rstrip().endswith("; event loop: asyncio)"), running
+    assert process.returncode == 0

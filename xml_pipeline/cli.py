@@ -362,7 +362,7 @@ def _inject_hint(organism: Organism, host: str, port: int) -> str:
 def _cmd_run(args: argparse.Namespace) -> int:
     from xml_pipeline.api.server import run_until_complete
 
-    return run_until_complete(_run(args))
+    return run_until_complete(_run(args), loop=args.loop)
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -454,6 +454,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--host", help="API address (env XML_PIPELINE_HOST; default organism.yaml)")
     run.add_argument("--port", type=int, help="API port (env XML_PIPELINE_PORT)")
     run.add_argument("--no-access-log", action="store_true", help="do not log each request")
+    run.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
+                     help="event loop (default: uvloop when installed); see docs/benchmarks.md")
     run.add_argument("--no-watch", action="store_true",
                      help="do not reload when organism.yaml, its XSDs or handlers change")
     run.set_defaults(run=_cmd_run)

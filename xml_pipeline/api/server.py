@@ -144,13 +144,14 @@ def loop_name() -> str:
     return "uvloop" if module.startswith("uvloop") else "asyncio"
 
 
-def run_until_complete(main: Coroutine[Any, Any, T]) -> T:
-    """Run ``main`` to its end on uvloop when it is installed, else on asyncio's loop.
+def run_until_complete(main: Coroutine[Any, Any, T], *, loop: str = "auto") -> T:
+    """Run ``main`` to its end on uvloop (``loop`` "uvloop", or "auto" when it is installed),
+    else on asyncio's own loop.
 
     ``uvicorn.Config(loop="uvloop")`` only applies when uvicorn creates the loop itself; a
     server started inside a running loop (as ``serve`` is) runs on whatever loop that is."""
     factory = None
-    if importlib.util.find_spec("uvloop"):
+    if loop == "uvloop" or (loop == "auto" and importlib.util.find_spec("uvloop")):
         import uvloop
 
         factory = uvloop.new_event_loop

@@ -2,6 +2,7 @@
 Starlette endpoint, in the same run, taking turns.
 
     python benchmarks/http_inject.py [--rounds 3] [--seconds 10] [--connections 32]
+                                     [--loop asyncio|uvloop]
 
 Both servers run in child processes on uvicorn (uvloop, httptools); the load comes from
 ``wrk`` (the Debian package: ``apt-get install wrk``), one thread, keep-alive connections.
@@ -34,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from chaos import free_port, spawn, start_organism  # noqa: E402
+from chaos import free_port, spawn  # noqa: E402
 from soak import BASELINE_APP  # noqa: E402
 
 ORGANISM = """\
@@ -117,7 +118,8 @@ async def bench(folder: Path, args: argparse.Namespace) -> None:
     product_script = wrk_script(folder, "product", token)
     ratios = []
     print(f"HTTP inject: {args.connections} connections, {args.seconds:g} s per run, "
-          f"{args.rounds} rounds, wrk -t1, python {sys.version.split()[0]}, "
+          f"{args.rounds} rounds, wrk -t1, product on {args.loop}, "
+          f"python {sys.version.split()[0]}, "
           f"{os.cpu_count()} cpus")
     for round_number in range(1, args.rounds + 1):
         print(f"round {round_number}")
@@ -128,7 +130,9 @@ async def bench(folder: Path, args: argparse.Namespace) -> None:
                 server = await spawn(["-c", BASELINE_APP, str(port)], cwd=folder)
             else:
                 shutil.rmtree(folder / "events", ignore_errors=True)
-                server = await start_organism(organism, port)
+                server = await spawn(["-m", "xml_pipeline", "run", str(organism), "--port",
+                                      str(port), "--no-access-log", "--loop", args.loop],
+                                     cwd=folder)
             drain = asyncio.ensure_future(server.drain())
             try:
                 script = bare_script if name == "bare" else product_script
@@ -151,6 +155,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio",
+                        help="the product's event loop (xml-pipeline run --loop)")
     parser.add_argument("--dir", help="where the organism and its log go (default: a temp dir)")
     args = parser.parse_args()
     if shutil.which("wrk") is None:

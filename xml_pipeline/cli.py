@@ -454,8 +454,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--host", help="API address (env XML_PIPELINE_HOST; default organism.yaml)")
     run.add_argument("--port", type=int, help="API port (env XML_PIPELINE_PORT)")
     run.add_argument("--no-access-log", action="store_true", help="do not log each request")
-    run.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
-                     help="event loop (default: uvloop when installed); see docs/benchmarks.md")
+    run.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio",
+                     help="event loop (default asyncio: uvloop serves more, but starves some "
+                          "clients under a flood; see docs/benchmarks.md)")
     run.add_argument("--no-watch", action="store_true",
                      help="do not reload when organism.yaml, its XSDs or handlers change")
     run.set_defaults(run=_cmd_run)

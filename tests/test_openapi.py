@@ -368,7 +368,7 @@ async def _raw_status(base: str, method: str, path: str, headers: dict[str, str]
 async def test_every_operation_answers_what_its_guards_declare(
         organism: Organism, tmp_path: Path) -> None:
     spec = await served(organism, tmp_path / "first")
-    known = {"name": "third", "thread_id": "t", "model": "m", "message_id": "m"}
+    known = FAKE_IDS
     ops = [(method, _url(path, known), op) for method, path, op in operations(spec)
            if method != "POST" or path != "/organism/stop"]
     for _, path, op in operations(spec):
@@ -398,14 +398,23 @@ async def test_every_operation_answers_what_its_guards_declare(
                     404, "not_found"), path
 
 
+#: path parameters no route's data has: enough for a guard to answer first
+FAKE_IDS = {"name": "third", "thread_id": "t", "model": "m", "message_id": "m"}
+
+
+def with_api(tmp_path: Path, settings: str) -> Organism:
+    """The test organism with ``settings`` in its ``api`` section."""
+    handlers.reset()
+    return load_organism(write_organism(tmp_path / "org", ORGANISM.replace(
+        "organism: {name: pump-test}", f"organism: {{name: pump-test, api: {{{settings}}}}}"),
+        schemas={"item.xsd": ITEM_XSD}))
+
+
 async def test_every_counted_operation_answers_503_while_the_server_is_full(
         tmp_path: Path) -> None:
-    handlers.reset()
-    organism = load_organism(write_organism(tmp_path / "org", ORGANISM.replace(
-        "organism: {name: pump-test}", "organism: {name: pump-test, api: {max_requests: 1}}"),
-        schemas={"item.xsd": ITEM_XSD}))
+    organism = with_api(tmp_path, "max_requests: 1")
     spec = await served(organism, tmp_path / "first")
-    known = {"name": "third", "thread_id": "t", "model": "m", "message_id": "m"}
+    known = FAKE_IDS
     async with running_server(organism, tmp_path / "events") as (base, stop), \
             client(base) as http, client(base) as holder:
         assert (await http.post("/inject", json={"to": "slow", "payload": {"n": "1"}})
@@ -432,12 +441,9 @@ async def test_every_counted_operation_answers_503_while_the_server_is_full(
 
 async def test_every_counted_operation_answers_408_to_a_body_that_does_not_arrive(
         tmp_path: Path) -> None:
-    handlers.reset()
-    organism = load_organism(write_organism(tmp_path / "org", ORGANISM.replace(
-        "organism: {name: pump-test}", "organism: {name: pump-test, api: {body_timeout: 50ms}}"),
-        schemas={"item.xsd": ITEM_XSD}))
+    organism = with_api(tmp_path, "body_timeout: 50ms")
     spec = await served(organism, tmp_path / "first")
-    known = {"name": "third", "thread_id": "t", "model": "m", "message_id": "m"}
+    known = FAKE_IDS
     async with running_server(organism, tmp_path / "events") as (base, stop):
         for method, path, operation in operations(spec):
             timed = "408" in operation["responses"]

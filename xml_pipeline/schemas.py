@@ -226,14 +226,15 @@ def _sample(simple: Any) -> str:
         return str(enumeration[0])
     primitive = getattr(simple, "primitive_type", None)
     name = getattr(primitive, "local_name", None) or getattr(simple, "local_name", None)
-    value = _SAMPLES.get(str(name), "text")
-    min_length = getattr(simple, "min_length", None)
+    return _fitted(_SAMPLES.get(str(name), "text"), getattr(simple, "min_length", None),
+                   getattr(simple, "max_length", None))
+
+
+def _fitted(value: str, min_length: int | None, max_length: int | None) -> str:
+    """``value`` repeated up to ``min_length`` and cut to ``max_length``."""
     if min_length and len(value) < min_length:
         value = value * (min_length // len(value) + 1)
-    max_length = getattr(simple, "max_length", None)
-    if max_length is not None and len(value) > max_length:
-        value = value[:max_length]
-    return value
+    return value if max_length is None else value[:max_length]
 
 
 def _fill(element: etree._Element, xsd_element: Any, depth: int) -> None:
@@ -279,12 +280,10 @@ def _quick_value(simple: etree._Element) -> str:
               if isinstance(c.tag, str) and c.tag != f"{{{XS}}}annotation"}
     if set(facets) - {"minLength", "maxLength", "length"}:  # patterns, ranges: xmlschema's
         raise _Unusual("facets")
-    value = _builtin(restriction.get("base"), restriction)
-    low = int(facets.get("length") or facets.get("minLength") or 0)
-    high = int(facets.get("length") or facets.get("maxLength") or max(low, len(value)))
-    if len(value) < low:
-        value = value * (low // len(value) + 1)
-    return value[:high]
+    exact = facets.get("length")
+    low, high = exact or facets.get("minLength"), exact or facets.get("maxLength")
+    return _fitted(_builtin(restriction.get("base"), restriction),
+                   int(low) if low else None, int(high) if high else None)
 
 
 def _quick_fill(element: etree._Element, decl: etree._Element, named: dict[str, etree._Element],

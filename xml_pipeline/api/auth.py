@@ -198,6 +198,13 @@ class _LocalOnlyCheck:
                         "only this server's own pages may connect without a token")
 
 
+def _declared_over(scope: Scope, limit: int) -> bool:
+    """Whether the request's Content-Length is over ``limit`` (or not a number): refused with
+    413 on the header, without reading the body."""
+    length = Headers(scope=scope).get("content-length")
+    return length is not None and (not length.isdigit() or int(length) > limit)
+
+
 def _has_body(scope: Scope) -> bool:
     headers = Headers(scope=scope)
     length = headers.get("content-length")
@@ -303,7 +310,7 @@ class RequestLimitMiddleware:
             await _send_error(scope, send, 503, "busy", self._busy(_HANDLING, limit),
                               [(b"retry-after", b"1")])
             return
-        if not body or self._over_limit(scope):
+        if not body or _declared_over(scope, self.max_body()):
             if body:  # refused on its Content-Length below, at once: not waited for
                 until = asyncio.get_running_loop().time() + min(self.body_timeout(),
                                                                 _DRAIN_SECONDS)
@@ -315,12 +322,6 @@ class RequestLimitMiddleware:
                 self.in_progress -= 1
             return
         await self._call_with_body(scope, receive, send)
-
-    def _over_limit(self, scope: Scope) -> bool:
-        """Whether the request's Content-Length is over the body limit (or not a number):
-        the layer below refuses it with 413 on the header, without reading the body."""
-        length = Headers(scope=scope).get("content-length")
-        return length is not None and (not length.isdigit() or int(length) > self.max_body())
 
     async def _call_with_body(self, scope: Scope, receive: Receive, send: Send) -> None:
         timeout = self.body_timeout()
@@ -411,10 +412,9 @@ class BodyLimitMiddleware:
         if scope["type"] != "http" or scope.get("path") in self.exempt:
             await self.app(scope, receive, send)
             return
-        length = Headers(scope=scope).get("content-length")
         too_large = (f"The request body is over the limit of {self.limit} bytes; send a "
                      "smaller body.")
-        if length is not None and (not length.isdigit() or int(length) > self.limit):
+        if _declared_over(scope, self.limit):
             await _send_error(scope, send, 413, "body_too_large", too_large)
             return
         seen = 0

@@ -93,7 +93,7 @@ def data(tmp_path: Path) -> Path:
     directory = tmp_path / "events"
 
     async def write() -> None:
-        async with await open_file_log(directory, segment_bytes=1500) as log:
+        async with await open_file_log(directory, segment_bytes=1700) as log:
             for start in range(0, len(EVENTS), 4):
                 await log.append(EVENTS[start:start + 4])
 
@@ -167,8 +167,8 @@ def test_an_edit_with_a_valid_checksum_is_caught_by_the_hash_chain(
     code, out, _ = run(capsys, "replay", "--data", data, "--verify", "--json")
     assert (code, json.loads(out)["bad_position"]) == (1, position)
     # The checksums alone do not notice: that is what the chain is for.
-    code, out, _ = run(capsys, "tail", "--data", data, "--json", "--type", "HandlerFailed")
-    assert code == 0
+    code, out, err = run(capsys, "tail", "--data", data, "--json", "--type", "HandlerFailed")
+    assert code == 0, err
     assert json.loads(out)["data"]["error"] == "BOOM: the shouter fell over"
 
 
@@ -282,7 +282,7 @@ def test_tail_refuses_an_unknown_type(data: Path, capsys: pytest.CaptureFixture[
 
 async def test_tail_follow_shows_records_appended_later(tmp_path: Path) -> None:
     directory = tmp_path / "events"
-    async with await open_file_log(directory, segment_bytes=1500) as log:
+    async with await open_file_log(directory, segment_bytes=1700) as log:
         await log.append(EVENTS[:5])
         child = await asyncio.create_subprocess_exec(
             SCRIPT, "tail", "--data", str(directory), "-f", "--json",

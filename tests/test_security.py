@@ -595,7 +595,7 @@ async def mischief(payload, ctx):
     await ctx.send("sink", "<Item><n>" + "<a>" * 20 + "</a>" * 20 + "</n></Item>")
     await ctx.send("sink", '<Item xmlns:xi="http://www.w3.org/2001/XInclude"><n>1</n>'
                            f'<xi:include href="{secret}" parse="text"/></Item>')
-    await ctx.send("api", "<Item><n>1</n></Item>")
+    await ctx.send("cli", "<Item><n>1</n></Item>")  # a bus name, not this message's sender
     await ctx.send("system", "<Item><n>1</n></Item>")
 
 
@@ -625,10 +625,10 @@ async def sneaky(payload, ctx):
     await ctx.send("sink", big)
     await ctx.send("sink", {"n": "x" * 10_000})
     await ctx.reply(big)
-    # The private send function with is_reply=True is a reply to the sender only.
-    await ctx._send("outsider", "<Item><n>1</n></Item>", True)
+    # The bus, not the caller, decides what is a reply: only a send to the sender is one.
+    await ctx._send("outsider", "<Item><n>1</n></Item>")
     for name in ("system", "cli"):
-        await ctx._send(name, "<Item><n>1</n></Item>", True)
+        await ctx._send(name, "<Item><n>1</n></Item>")
 
 
 async def replier(payload, ctx):

@@ -67,10 +67,16 @@ _BY_NAME: dict[str, st.SearchStrategy[typing.Any]] = {
     "latency_ms": st.floats(min_value=0, max_value=1e5, allow_nan=False),
     "duration_ms": st.floats(min_value=0, max_value=1e5, allow_nan=False),
     "delay": st.floats(min_value=0, max_value=100, allow_nan=False),
+    "deadline": st.one_of(st.none(), TIMES),
+    "holder": NAMES,
+    "supersedes": st.one_of(st.none(), st.sampled_from(["l1", "l2"])),
 }
+LEASES = st.sampled_from(["", "l1", "l2"])  # "": a record from before leases
 
 
 def _field_strategy(name: str, kind: typing.Any) -> st.SearchStrategy[typing.Any]:
+    if name == "lease_id":
+        return st.one_of(st.none(), LEASES) if kind == (str | None) else LEASES
     if name in _BY_NAME:
         return _BY_NAME[name]
     if kind is int:

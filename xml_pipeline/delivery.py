@@ -1,29 +1,41 @@
 """Delivery: the workers that take messages from mailboxes and run handlers.
 
-Each listener has ``concurrency`` workers. A worker records ``MessageDelivered``, runs the
-handler under the listener's timeout, and records the outcome (``HandlerSucceeded``,
-``HandlerFailed`` with ``MessageRetried`` or ``MessageDeadLettered``, or ``MessageDropped`` for
-a killed thread). Outcomes are committed without waiting for the fsync: the log keeps their
-order, and a crash before they are durable only means the message is delivered again.
+Each listener has ``concurrency`` workers, each a holder of leases. A worker takes a lease on
+the message (``MessageDelivered``, decided by ``scheduling.grant`` from the fold), runs the
+handler under the listener's timeout (the lease's deadline), and records the outcome under
+that lease (``HandlerSucceeded``, ``HandlerFailed`` with ``MessageRetried`` or
+``MessageDeadLettered``, or ``MessageDropped`` for a killed thread). Once the call is over, or
+its thread killed, the lease is no longer held: a send through its context raises
+``LeaseLostError``. Outcomes are committed without waiting for the fsync: the log keeps their
+order (the lease first), and a crash before they are durable only means a redelivery.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import itertools
 import logging
+import os
+import secrets
+import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 from typing import Any
 
-from xml_pipeline.errors import BudgetExhaustedError, BusyError, LogError, PayloadError
+from xml_pipeline.errors import (
+    BudgetExhaustedError,
+    BusyError,
+    LeaseLostError,
+    LogError,
+    PayloadError,
+)
 from xml_pipeline.events import (
     Event,
     HandlerFailed,
     HandlerSucceeded,
     MessageDeadLettered,
-    MessageDelivered,
     MessageDropped,
     MessageRetried,
 )
@@ -31,11 +43,12 @@ from xml_pipeline.handlers import Context, HandlerInfo, Payload
 from xml_pipeline.ledger import Ledger
 from xml_pipeline.mailbox import Delivery, Mailbox
 from xml_pipeline.organism import Listener
+from xml_pipeline.state.scheduling import Lease, grant
 from xml_pipeline.types import Clock
 
 __all__ = ["Deliverer"]
 
-SendFunction = Callable[[Listener, Delivery, str, Payload, bool], Awaitable[str | None]]
+SendFunction = Callable[[Listener, Delivery, Lease, str, Payload], Awaitable[str | None]]
 AgentFunction = Callable[[Listener, Any, Context], Awaitable[None]]
 
 
@@ -46,6 +59,8 @@ class Held(enum.Enum):
     REQUEUE = "requeue"  # the log failed while it ran: it is handled again later
 
 
+
+_log = logging.getLogger("xml_pipeline.pump")
 
 #: deliveries a worker makes before it lets the rest of the event loop run
 TURN = 256
@@ -67,6 +82,10 @@ class Deliverer:
         #: thread id -> deliveries waiting for a budget raise (the call was not made)
         self.parked: dict[str, list[tuple[str, Delivery]]] = {}
         self._loggers: dict[str, logging.Logger] = {}
+        #: this process's holders are "host:pid/listener.worker"; lease ids are unique to it
+        self._process = f"{socket.gethostname()}:{os.getpid()}"
+        self._lease_prefix = secrets.token_hex(5) + "."
+        self._lease_numbers = itertools.count(1)
 
     def thread_killed(self, thread_id: str) -> bool:
         thread = self._ledger.state.threads.threads.get(thread_id)
@@ -77,6 +96,7 @@ class Deliverer:
         for message_id, (task, delivery) in list(self.in_handler.items()):
             if delivery.thread_id == thread_id:
                 self.killed.add(message_id)
+                delivery.holding = None  # revoked: its holder's sends raise LeaseLostError
                 task.cancel()
 
     async def worker(self, name: str, index: int) -> None:
@@ -87,6 +107,7 @@ class Deliverer:
             listener = self._listeners().get(name)
             return listener is None or index >= listener.concurrency
 
+        holder = f"{self._process}/{name}.{index}"
         handled = 0
         while True:
             await self._ledger.wait_healthy()  # no dispatching while the log cannot be written
@@ -104,12 +125,36 @@ class Deliverer:
             try:
                 # The log may have failed while this worker waited for the message.
                 await self._ledger.wait_healthy()
-                await self.deliver(name, delivery)
+                await self.deliver(name, delivery, holder)
             finally:
                 mailbox.done(delivery)
                 self._ledger.notify()
 
-    async def deliver(self, name: str, delivery: Delivery) -> None:
+    def _grant(self, listener: Listener, delivery: Delivery, holder: str) -> Lease | None:
+        """Lease ``delivery`` to ``holder`` and record it (``MessageDelivered``), superseding
+        the message's previous lease (a failed, parked or crashed attempt). None if the fold
+        says another holder has it."""
+        delivery.attempts += 1
+        now = self._clock()
+        previous = delivery.lease.lease_id if delivery.lease is not None else delivery.supersedes
+        lease_id = f"{self._lease_prefix}{next(self._lease_numbers)}"
+        deadline = now + listener.timeout
+        state = self._ledger.state
+        try:
+            event = grant(state.scheduling, state.threads, message_id=delivery.message_id,
+                          listener=listener.name, attempt=delivery.attempts, lease_id=lease_id,
+                          holder=holder, at=now, deadline=deadline,
+                          redelivery=delivery.redelivery, supersedes=previous)
+        except LeaseLostError as exc:
+            _log.warning("not delivering: %s", exc)
+            return None
+        self._commit_soon([event])
+        lease = Lease(message_id=delivery.message_id, attempt=delivery.attempts,
+                      lease_id=lease_id, holder=holder, deadline=deadline, supersedes=previous)
+        delivery.lease = delivery.holding = lease
+        return lease
+
+    async def deliver(self, name: str, delivery: Delivery, holder: str = "") -> None:
         # Outcome events are appended without waiting: the log keeps their order, the fold
         # applies them once durable, and a crash before that only means a redelivery.
         while True:
@@ -136,13 +181,12 @@ class Deliverer:
                                f"{exc.message}")]))
                     return
                 delivery.schema_digest = listener.schema.digest
-            delivery.attempts += 1
-            attempt = delivery.attempts
-            self._commit_soon([MessageDelivered(at=self._clock(), message_id=delivery.message_id,
-                                                listener=name, attempt=attempt,
-                                                redelivery=delivery.redelivery)])
+            lease = self._grant(listener, delivery, holder or f"{self._process}/{name}")
+            if lease is None:
+                return
+            attempt = lease.attempt
             started = time.perf_counter()
-            error = await self.call(listener, delivery, attempt)
+            error = await self.call(listener, delivery, lease)
             if error is Held.PARKED:
                 self.parked.setdefault(delivery.thread_id, []).append((name, delivery))
                 return
@@ -156,23 +200,26 @@ class Deliverer:
             if error is Held.REQUEUE:
                 self._requeue(name, delivery, closed=False)
                 return
+            lease_id = lease.lease_id
             if error is None:
                 self._close(name, delivery, [HandlerSucceeded(
                     at=self._clock(), message_id=delivery.message_id, listener=name,
-                    duration_ms=(time.perf_counter() - started) * 1000)])
+                    duration_ms=(time.perf_counter() - started) * 1000, lease_id=lease_id)])
                 return
             will_retry = attempt <= listener.retries.max
             events: list[Event] = [HandlerFailed(at=self._clock(), message_id=delivery.message_id,
                                                  listener=name, attempt=attempt, error=error,
-                                                 will_retry=will_retry)]
+                                                 will_retry=will_retry, lease_id=lease_id)]
             delay = listener.retries.backoff * (2 ** (attempt - 1))
             if will_retry:
                 events.append(MessageRetried(at=self._clock(), message_id=delivery.message_id,
-                                             listener=name, attempt=attempt + 1, delay=delay))
+                                             listener=name, attempt=attempt + 1, delay=delay,
+                                             lease_id=lease_id))
             else:
                 events.append(MessageDeadLettered(at=self._clock(),
                                                   message_id=delivery.message_id,
-                                                  listener=name, reason=error))
+                                                  listener=name, reason=error,
+                                                  lease_id=lease_id))
                 self._close(name, delivery, events)
                 return
             self._commit_soon(events)
@@ -199,17 +246,19 @@ class Deliverer:
         delivery.redelivery = True
         mailbox.put(delivery, reserved=False)
 
-    async def call(self, listener: Listener, delivery: Delivery, attempt: int
+    async def call(self, listener: Listener, delivery: Delivery, lease: Lease
                    ) -> str | Held | None:
-        """Run the handler once; the error text if it failed, None if it succeeded (or was
-        cancelled by a thread kill, which the caller checks), or why it is ``Held``."""
+        """Run the handler once under ``lease``; the error text if it failed, None if it
+        succeeded (or was cancelled by a thread kill, which the caller checks), or why it is
+        ``Held``. Once it returns, the lease is no longer held."""
         info = HandlerInfo(name=listener.name, peers=listener.peers,
                            message_id=delivery.message_id, thread=delivery.thread_id,
                            sender=delivery.sender, parent=delivery.parent_id,
-                           redelivery=delivery.redelivery, attempt=attempt)
+                           redelivery=delivery.redelivery, attempt=lease.attempt,
+                           deadline=lease.deadline)
 
-        async def send(to: str, data: Payload, is_reply: bool) -> str | None:
-            return await self._send(listener, delivery, to, data, is_reply)
+        async def send(to: str, data: Payload) -> str | None:
+            return await self._send(listener, delivery, lease, to, data)
 
         ctx = Context(info=info, send=send, logger=self._logger(listener.name))
         delivery.sends = 0
@@ -239,6 +288,7 @@ class Deliverer:
             return f"{type(exc).__name__}: {exc}"
         finally:
             del self.in_handler[delivery.message_id]
+            delivery.holding = None
         if delivery.message_id in self.killed and task.cancelling():
             task.uncancel()
         return None

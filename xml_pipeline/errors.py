@@ -22,6 +22,7 @@ with ``raise ... from exc``.
     ├── BusyError                       try again later (backpressure, stopping)
     │   └── MailboxFullError
     ├── BudgetExhaustedError            an LLM call would exceed a token budget
+    ├── LeaseLostError                  a holder's lease expired, was revoked or superseded
     ├── AgentError                      an LLM agent could not produce a valid answer
     └── LogError                        the event log
         ├── LogLockedError              another process is writing to this log
@@ -43,6 +44,7 @@ __all__ = [
     "BusyError",
     "EnvelopeError",
     "ForbiddenXmlError",
+    "LeaseLostError",
     "LogClosedError",
     "LogCorruptedError",
     "LogDamagedError",
@@ -189,6 +191,14 @@ class BudgetExhaustedError(XmlPipelineError):
         super().__init__(message)
         self.scope = scope
         self.key = key
+
+
+class LeaseLostError(XmlPipelineError):
+    """The holder of a delivery no longer holds its lease: it expired (the handler timed
+    out), was revoked (its thread was killed) or was superseded (another holder was given the
+    message). Whatever the holder sends or reports with it changes nothing."""
+
+    code = "lease_lost"
 
 
 class AgentError(XmlPipelineError):

@@ -143,44 +143,69 @@ class MessageRejected(Event):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MessageDelivered(Event):
+    """A lease: ``holder`` may handle the message until ``deadline`` (seconds since the
+    epoch, None: no deadline). It is granted in the fold only if the message is not final and
+    not leased, or its current lease is ``supersedes`` (one that expired or whose holder is
+    gone): of two holders racing for one message, the first in the log wins. An empty
+    ``lease_id`` is a record from before leases (version 1), granted as it was then."""
+
     message_id: str
     listener: str
     attempt: int
     redelivery: bool = False
+    lease_id: str = ""
+    holder: str = ""
+    deadline: float | None = None
+    supersedes: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HandlerSucceeded(Event):
+    """The outcome of lease ``lease_id``; folded only while that is the message's lease."""
+
     message_id: str
     listener: str
     duration_ms: float
+    lease_id: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HandlerFailed(Event):
+    """A failed attempt under lease ``lease_id``; folded only while that is the message's
+    lease, which it keeps until the ``MessageRetried`` or ``MessageDeadLettered`` after it."""
+
     message_id: str
     listener: str
     attempt: int
     error: str
     will_retry: bool
+    lease_id: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MessageRetried(Event):
-    """A failed or dead-lettered message is scheduled again (``by`` an operator, or the policy)."""
+    """A failed or dead-lettered message is scheduled again (``by`` an operator, or the policy).
+    The policy's retry names the lease whose failure it follows and ends it; an operator's
+    (``lease_id`` None) applies to a message that holds no lease."""
 
     message_id: str
     listener: str
     attempt: int
     delay: float
     by: str | None = None
+    lease_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MessageDeadLettered(Event):
+    """After the last failed attempt (``lease_id``: that attempt's lease, which it ends), or
+    decided by the bus (``lease_id`` None: a removed listener, a schema that no longer fits),
+    which revokes any lease on the message."""
+
     message_id: str
     listener: str
     reason: str
+    lease_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -337,11 +362,28 @@ CATALOGUE: dict[str, type[Event]] = {
         BudgetExhausted, BudgetWarned, BudgetRaised, UsageReset, LogRepaired,
     )
 }
-VERSIONS: dict[str, int] = dict.fromkeys(CATALOGUE, 1)
+#: Version 2 of the delivery and outcome events carries leases (``lease_id`` and the rest).
+VERSIONS: dict[str, int] = {
+    **dict.fromkeys(CATALOGUE, 1),
+    **dict.fromkeys(("MessageDelivered", "HandlerSucceeded", "HandlerFailed",
+                     "MessageRetried", "MessageDeadLettered"), 2),
+}
 
 Upcaster: TypeAlias = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def _before_leases(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 had no leases: its deliveries and outcomes read as the empty lease (granted
+    and folded as they were), its retries and dead letters as the bus's own decisions."""
+    return data
+
+
 #: ``(type, version) -> function`` turning that version's data into the next version's.
-UPCASTERS: dict[tuple[str, int], Upcaster] = {}
+UPCASTERS: dict[tuple[str, int], Upcaster] = {
+    (name, 1): _before_leases
+    for name in ("MessageDelivered", "HandlerSucceeded", "HandlerFailed", "MessageRetried",
+                 "MessageDeadLettered")
+}
 
 _encoder = msgspec.json.Encoder()
 _decoders: dict[str, msgspec.json.Decoder[Any]] = {

@@ -37,7 +37,7 @@ SYSTEM_NS = "urn:xml-pipeline:system:v1"
 _SYSTEM_ERROR = f"{{{SYSTEM_NS}}}SystemError"
 
 Payload: TypeAlias = etree._Element | str | bytes | Mapping[str, Any]
-SendFunction = Callable[[str, Payload, bool], Awaitable[str | None]]
+SendFunction = Callable[[str, Payload], Awaitable[str | None]]
 
 
 def system_error(*, code: str, message: str, rejected_to: str | None = None) -> etree._Element:
@@ -106,6 +106,7 @@ class HandlerInfo:
     parent: str | None
     redelivery: bool
     attempt: int
+    deadline: float | None = None
 
 
 class Context:
@@ -154,17 +155,23 @@ class Context:
     def attempt(self) -> int:
         return self._info.attempt
 
+    @property
+    def deadline(self) -> float | None:
+        """When this delivery's lease ends (the handler's timeout, seconds since the epoch):
+        after it, ``send`` and ``reply`` raise ``LeaseLostError``."""
+        return self._info.deadline
+
     async def send(self, to: str, payload: Payload) -> str | None:
         """Send ``payload`` to peer ``to`` in this thread; the new message id, or None if the
         bus refused it (the refusal comes back to this listener as a ``<SystemError>``)."""
-        message_id = await self._send(to, payload, False)
+        message_id = await self._send(to, payload)
         if message_id is not None:
             self.sent.append(message_id)
         return message_id
 
     async def reply(self, payload: Payload) -> str | None:
         """Answer the sender of the message being handled (allowed even if not a peer)."""
-        message_id = await self._send(self._info.sender, payload, True)
+        message_id = await self._send(self._info.sender, payload)
         if message_id is not None:
             self.sent.append(message_id)
         return message_id

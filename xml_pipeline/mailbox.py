@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from lxml import etree
 
 from xml_pipeline.errors import MailboxFullError
+from xml_pipeline.state.scheduling import Lease
 
 __all__ = ["Delivery", "Mailbox", "MailboxStatistics"]
 
@@ -38,6 +39,11 @@ class Delivery:
     schema_digest: str | None = None  # the target's schema when accepted (None: unknown)
     sends: int = 0  # messages sent by the current handler call
     prior_sends: list[str] | None = None  # what earlier calls sent (filled on redelivery)
+    #: the lease of the current (or last) delivery; the next one supersedes it
+    lease: Lease | None = None
+    #: the lease while its handler call runs (None once it is over, or revoked)
+    holding: Lease | None = None
+    supersedes: str | None = None  # a lease recorded before this process (on recovery)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

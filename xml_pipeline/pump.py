@@ -391,10 +391,18 @@ class Pump:
                                  payload=envelope.payload,
                                  envelope=accepted.envelope.encode("utf-8"),
                                  redelivery=info.attempts > 0 or not self._clean_start,
-                                 attempts=info.attempts),
+                                 attempts=info.attempts,
+                                 supersedes=self._held_by_before(info.message_id)),
                         reserved=False)
         if outcomes:
             await self._commit(outcomes)
+
+    def _held_by_before(self, message_id: str) -> str | None:
+        """The lease a message still has in the log from before this start: its holder, a
+        worker of the previous run (or one that waits for a budget), is gone, so the
+        recovered delivery supersedes it."""
+        lease = self.state.scheduling.leases.get(message_id)
+        return None if lease is None else lease.lease_id
 
     # ------------------------------------------------------------ accepting messages
 

@@ -29,6 +29,7 @@ from xml_pipeline.envelope import (
 from xml_pipeline.errors import (
     BusyError,
     EnvelopeError,
+    LeaseLostError,
     LogError,
     LogWriteError,
     ThreadClosedError,
@@ -42,6 +43,7 @@ from xml_pipeline.ids import IdFactory
 from xml_pipeline.ledger import Ledger
 from xml_pipeline.mailbox import Delivery, Mailbox
 from xml_pipeline.organism import RESERVED_SENDERS, Listener, Organism
+from xml_pipeline.state.scheduling import Lease, check
 from xml_pipeline.types import Clock
 
 __all__ = ["Accepted", "Router"]
@@ -283,15 +285,25 @@ class Router:
         if durable:
             await asyncio.shield(future)
 
-    async def send(self, listener: Listener, delivery: Delivery, to: str, data: Payload,
-                    is_reply: bool) -> str | None:
-        """A handler's send or reply. Returns the new message id, or None if refused."""
+    async def send(self, listener: Listener, delivery: Delivery, lease: Lease, to: str,
+                   data: Payload) -> str | None:
+        """A handler's send, under ``lease``. The bus decides that a send to the sender of the
+        message being handled is a reply (allowed without declaring the sender a peer, and
+        the one way to a name of the bus). Returns the new message id, or None if refused.
+        Raises ``LeaseLostError`` (and records the refusal) once the lease is not held: the
+        call is over, its thread was killed, or another holder has the message."""
         try:
+            if delivery.holding is not lease:
+                raise LeaseLostError(
+                    f"Listener {listener.name!r} sent to {to!r} under lease {lease.lease_id} "
+                    f"of message {delivery.message_id}, which it no longer holds (the handler "
+                    "call is over, timed out, or its thread was killed); nothing was sent.")
+            check(self._ledger.state.scheduling, lease, pending=True)
             if (delivery.message_id in self._killed
                     or self._thread_killed(delivery.thread_id)):
                 raise ThreadClosedError(f"Thread {delivery.thread_id} was killed; the message "
                                         "was not sent.")
-            is_reply = is_reply and to == delivery.sender  # a reply goes to the sender only
+            is_reply = to == delivery.sender
             outbound = is_reply and to in RESERVED_SENDERS
             if not outbound:
                 target = self.listener(to)
@@ -320,6 +332,8 @@ class Router:
             await self.reject(exc, raw=data if not isinstance(data, Mapping) else repr(data),
                                sender=listener.name, to=to, thread_id=delivery.thread_id,
                                parent_id=delivery.message_id, durable=False)
+            if isinstance(exc, LeaseLostError):
+                raise
             if isinstance(exc, ThreadClosedError) or delivery.system_depth >= MAX_SYSTEM_ERRORS:
                 return None
             await self._accept(payload=system_error(code=exc.code, message=exc.message,

@@ -30,6 +30,7 @@ from xml_pipeline.log.segments import hash_at, locate_record
 from xml_pipeline.state import agents, budgets, threads
 from xml_pipeline.state.agents import Agents
 from xml_pipeline.state.budgets import Budgets
+from xml_pipeline.state.scheduling import FENCED, Scheduling, admit
 from xml_pipeline.state.threads import Threads
 
 __all__ = [
@@ -70,12 +71,19 @@ class State(msgspec.Struct, kw_only=True):
     agents: Agents = msgspec.field(default_factory=Agents)
     threads: Threads = msgspec.field(default_factory=Threads)
     budgets: Budgets = msgspec.field(default_factory=Budgets)
+    scheduling: Scheduling = msgspec.field(default_factory=Scheduling)
 
     def apply(self, position: int, event: Event) -> None:
-        """Fold one event. Positions must increase; an unknown event type raises TypeError."""
+        """Fold one event. Positions must increase; an unknown event type raises TypeError.
+        A delivery or outcome the lease fence refuses (``scheduling.admit``) changes nothing
+        but the count of refusals."""
         if position <= self.position:
             raise ValueError(f"Event at position {position} is not after {self.position}.")
-        for attr, step in _TABLE.get(type(event)) or _steps(type(event)):
+        cls = type(event)
+        if cls in FENCED and not admit(event, self.scheduling, self.threads):
+            self.position = position
+            return
+        for attr, step in _TABLE.get(cls) or _steps(cls):
             step(event, getattr(self, attr), position)
         forgotten = self.threads.just_forgotten
         if forgotten:  # retention: what the threads forgot, the budgets forget too

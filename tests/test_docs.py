@@ -24,8 +24,8 @@ from tests.conftest import ROOT
 from xml_pipeline import cli
 from xml_pipeline.api import stream
 from xml_pipeline.api.app import create_app
+from xml_pipeline.config import load_organism
 from xml_pipeline.events import CATALOGUE
-from xml_pipeline.organism import load_organism
 
 API_MD = ROOT / "docs" / "api.md"
 AGENTSERVER_MD = ROOT / "docs" / "agentserver.md"

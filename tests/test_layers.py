@@ -12,9 +12,9 @@ PACKAGE = Path(xml_pipeline.__file__).parent
 # Lower layers first. A module may import modules of its own or an earlier layer.
 LAYERS = [
     {"errors", "types", "histogram"},
-    {"ids", "xmlsafe", "yamlsafe"},
+    {"ids", "xmlsafe"},
     {"schemas", "envelope"},
-    {"organism"},
+    {"config"},
     {"events"},
     {"log"},
     {"state"},

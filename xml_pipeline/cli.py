@@ -20,13 +20,13 @@ from typing import Any, TextIO
 
 import msgspec
 
+from xml_pipeline.config import Organism, load_organism
 from xml_pipeline.envelope import format_timestamp
 from xml_pipeline.errors import LogError, OrganismError, XmlPipelineError
 from xml_pipeline.events import CATALOGUE, Event, Recorded
 from xml_pipeline.log.file import open_file_log
 from xml_pipeline.log.repair import repair_log
 from xml_pipeline.log.segments import verify_log
-from xml_pipeline.organism import Organism, load_organism
 from xml_pipeline.remote import (
     Style,
     UsageError,

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 from typing import Any
 
+from xml_pipeline.config import Listener
 from xml_pipeline.errors import BudgetExhaustedError, BusyError, LogError, PayloadError
 from xml_pipeline.events import (
     Event,
@@ -30,7 +31,6 @@ from xml_pipeline.events import (
 from xml_pipeline.handlers import Context, HandlerInfo, Payload
 from xml_pipeline.ledger import Ledger
 from xml_pipeline.mailbox import Delivery, Mailbox
-from xml_pipeline.organism import Listener
 from xml_pipeline.types import Clock
 
 __all__ = ["Deliverer"]

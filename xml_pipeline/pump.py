@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import xml_pipeline
+from xml_pipeline.config import Listener, Organism
 from xml_pipeline.delivery import Deliverer
 from xml_pipeline.envelope import LOGGED_LIMITS, parse_envelope
 from xml_pipeline.errors import (
@@ -65,7 +66,6 @@ from xml_pipeline.llm import AgentRuntime
 from xml_pipeline.log import EventLog
 from xml_pipeline.log.file import FileLog
 from xml_pipeline.mailbox import Delivery, Mailbox
-from xml_pipeline.organism import Listener, Organism
 from xml_pipeline.router import Accepted, Router
 from xml_pipeline.state import State, latest_snapshot, replay, write_snapshot
 from xml_pipeline.state.budgets import raised as budget_raised

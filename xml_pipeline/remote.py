@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from xml_pipeline.config import Organism, load_organism
 from xml_pipeline.errors import OrganismError
-from xml_pipeline.organism import Organism, load_organism
 
 __all__ = ["RECONNECT_FIRST", "RECONNECT_MAX", "Style", "UsageError", "budget_command",
            "inject_command", "local_organism", "remote_command", "tail_command", "usage_command"]

@@ -136,7 +136,7 @@ def test_the_readme_lists_every_command_and_option() -> None:
     actual, documented = commands(), documented_commands()
     assert sorted(documented) == sorted(actual), (
         f"README.md's command list (## Commands) has {sorted(documented)}; the parser in "
-        f"xml_pipeline/cli.py has {sorted(actual)}.")
+        f"xml_pipeline/cli/__init__.py has {sorted(actual)}.")
     for name, options in actual.items():
         assert documented[name] == options, (
             f"README.md documents `xml-pipeline {name}` with {sorted(documented[name])}; the "

@@ -15,6 +15,7 @@ from xml_pipeline.errors import (
     XmlError,
     XmlPipelineError,
 )
+from xml_pipeline.version import __version__ as __version__
 from xml_pipeline.xmlsafe import XmlLimits, parse_xml
 
 __all__ = [
@@ -34,5 +35,3 @@ __all__ = [
     "parse_envelope",
     "parse_xml",
 ]
-
-__version__ = "0.1.0"

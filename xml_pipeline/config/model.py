@@ -79,7 +79,6 @@ class ApiConfig:
     body_timeout: float = 5.0
 
 
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Retention:
     """How much finished work the state keeps in memory (the log keeps everything)."""

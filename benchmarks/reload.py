@@ -23,9 +23,9 @@ from pathlib import Path
 
 import watchfiles
 
+from xml_pipeline.config import load_organism
 from xml_pipeline.events import Event, OrganismReloaded
 from xml_pipeline.log.file import open_file_log
-from xml_pipeline.organism import load_organism
 from xml_pipeline.pump import open_pump
 from xml_pipeline.reload import watch
 

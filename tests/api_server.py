@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 
 from xml_pipeline.api.server import Server, config
-from xml_pipeline.organism import Organism
+from xml_pipeline.config import Organism
 
 
 @asynccontextmanager

@@ -15,9 +15,9 @@ from tests.api_server import client, running_server
 from tests.conftest import write_organism
 from tests.test_pump import ITEM_XSD, ORGANISM
 from xml_pipeline.api.server import UnsafeBindError, config
+from xml_pipeline.config import Organism, load_organism
 from xml_pipeline.events import MessageRejected
 from xml_pipeline.log.file import open_file_log
-from xml_pipeline.organism import Organism, load_organism
 
 
 @pytest.fixture

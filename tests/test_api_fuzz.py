@@ -44,10 +44,10 @@ from tests.conftest import write_organism
 from tests.test_pump import ITEM_XSD, ORGANISM
 from xml_pipeline.api.app import create_app
 from xml_pipeline.api.responses import STATUS_BY_CODE
+from xml_pipeline.config import Organism, load_organism
 from xml_pipeline.envelope import ENVELOPE_NS
 from xml_pipeline.events import MessageRejected
 from xml_pipeline.log.file import open_file_log
-from xml_pipeline.organism import Organism, load_organism
 
 TOKEN = "fuzz-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

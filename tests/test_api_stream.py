@@ -26,11 +26,11 @@ from tests import handlers
 from tests.conftest import write_organism
 from tests.test_pump import ITEM_XSD, ORGANISM, item
 from xml_pipeline.api import stream
+from xml_pipeline.config import Organism, load_organism
 from xml_pipeline.envelope import format_timestamp
 from xml_pipeline.errors import LogCorruptedError
 from xml_pipeline.events import CATALOGUE, Event, MessageAccepted, MessageDelivered, Recorded
 from xml_pipeline.log.file import open_file_log
-from xml_pipeline.organism import Organism, load_organism
 from xml_pipeline.pump import Pump, open_pump
 
 Frame = dict[str, str]

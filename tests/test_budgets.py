@@ -23,9 +23,9 @@ from tests.conftest import write_organism
 from tests.messages_stub import Answer, Stub, messages_stub
 from tests.test_llm import NOTE_XSD
 from xml_pipeline.cli import main
+from xml_pipeline.config import Organism, load_organism
 from xml_pipeline.events import BudgetExhausted, BudgetRaised, Event
 from xml_pipeline.log.file import open_file_log
-from xml_pipeline.organism import Organism, load_organism
 from xml_pipeline.state import replay
 
 _folders = itertools.count()

@@ -13,7 +13,7 @@ from tests.api_server import running_server
 from tests.conftest import write_organism
 from tests.test_pump import ITEM_XSD, ORGANISM
 from xml_pipeline.cli import main
-from xml_pipeline.organism import load_organism
+from xml_pipeline.config import load_organism
 
 
 async def test_inject_threads_dead_letters_and_reload(tmp_path: Path,

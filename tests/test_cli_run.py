@@ -131,9 +131,9 @@ def test_banner_inject_command_works_as_pasted(tmp_path: Path) -> None:
 def test_run_loads_no_http_client_library() -> None:
     # The banner works out the URL to inject at with the client's rules; the server must not
     # pay for the HTTP client (httpx, and the rich and pygments it brings) to do so.
-    code = ("import sys; from xml_pipeline import cli; from xml_pipeline.organism import "
-            "load_organism; from pathlib import Path; "
-            "cli._inject_hint(load_organism(Path('organism.yaml')), '127.0.0.1', 9); "
+    code = ("import sys; from xml_pipeline.cli import organism; from xml_pipeline.config "
+            "import load_organism; from pathlib import Path; "
+            "organism._inject_hint(load_organism(Path('organism.yaml')), '127.0.0.1', 9); "
             "print(sorted({'httpx', 'xmlschema'} & set(sys.modules)))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             cwd=Path(__file__).parent.parent, check=True, timeout=60)

@@ -16,7 +16,7 @@ import pytest
 from tests.test_api_stream import damaged_log
 from tests.test_cli_log import EVENTS, data, run, tail_json
 from xml_pipeline.cli import main
-from xml_pipeline.organism import load_organism
+from xml_pipeline.config import load_organism
 
 __all__ = ["data"]  # the fixture, shared with the log's CLI tests
 

@@ -14,10 +14,10 @@ from tests.api_server import running_server
 from tests.conftest import write_organism
 from tests.test_file_log import FaultyDisk
 from tests.test_pump import ITEM_XSD, ORGANISM, item
+from xml_pipeline.config import load_organism
 from xml_pipeline.errors import LogWriteError
 from xml_pipeline.events import HandlerSucceeded, MessageAccepted, MessageDelivered
 from xml_pipeline.log.file import open_file_log
-from xml_pipeline.organism import load_organism
 from xml_pipeline.pump import Pump, open_pump
 from xml_pipeline.state import replay
 

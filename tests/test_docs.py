@@ -24,8 +24,8 @@ from tests.conftest import ROOT
 from xml_pipeline import cli
 from xml_pipeline.api import stream
 from xml_pipeline.api.app import create_app
+from xml_pipeline.config import load_organism
 from xml_pipeline.events import CATALOGUE
-from xml_pipeline.organism import load_organism
 
 API_MD = ROOT / "docs" / "api.md"
 AGENTSERVER_MD = ROOT / "docs" / "agentserver.md"
@@ -136,7 +136,7 @@ def test_the_readme_lists_every_command_and_option() -> None:
     actual, documented = commands(), documented_commands()
     assert sorted(documented) == sorted(actual), (
         f"README.md's command list (## Commands) has {sorted(documented)}; the parser in "
-        f"xml_pipeline/cli.py has {sorted(actual)}.")
+        f"xml_pipeline/cli/__init__.py has {sorted(actual)}.")
     for name, options in actual.items():
         assert documented[name] == options, (
             f"README.md documents `xml-pipeline {name}` with {sorted(documented[name])}; the "

@@ -25,9 +25,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import GREETING_XSD
+from xml_pipeline.config import Organism, load_organism, parse_organism
+from xml_pipeline.config.yamlsafe import MAX_NESTING, MAX_PROBLEMS, MAX_VALUES
 from xml_pipeline.errors import OrganismError
-from xml_pipeline.organism import Organism, load_organism, parse_organism
-from xml_pipeline.yamlsafe import MAX_NESTING, MAX_PROBLEMS, MAX_VALUES
 
 SETTINGS = settings(derandomize=True, database=None, deadline=None, print_blob=False,
                     max_examples=300,

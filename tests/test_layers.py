@@ -11,15 +11,15 @@ PACKAGE = Path(xml_pipeline.__file__).parent
 
 # Lower layers first. A module may import modules of its own or an earlier layer.
 LAYERS = [
-    {"errors", "types", "histogram"},
-    {"ids", "xmlsafe", "yamlsafe"},
+    {"errors", "types", "histogram", "version"},
+    {"ids", "xmlsafe"},
     {"schemas", "envelope"},
-    {"organism"},
+    {"config"},
     {"events"},
     {"log"},
     {"state"},
     {"mailbox", "handlers", "ledger", "router", "delivery", "llm", "pump", "reload"},
-    {"api", "client", "remote", "cli", "__main__", "__init__"},
+    {"api", "cli", "__main__", "__init__"},
 ]
 
 
@@ -38,11 +38,14 @@ def _imports(path: Path) -> list[str]:
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             if node.module.startswith("xml_pipeline."):
                 found.append(node.module.removeprefix("xml_pipeline."))
-            elif node.module == "xml_pipeline":
-                found.extend(alias.name for alias in node.names)
+            elif node.module == "xml_pipeline":  # the names come from the package's __init__
+                found.append("__init__")
         elif isinstance(node, ast.Import):
-            found.extend(a.name.removeprefix("xml_pipeline.") for a in node.names
-                         if a.name.startswith("xml_pipeline."))
+            for alias in node.names:
+                if alias.name == "xml_pipeline":
+                    found.append("__init__")
+                elif alias.name.startswith("xml_pipeline."):
+                    found.append(alias.name.removeprefix("xml_pipeline."))
     return found
 
 

@@ -12,6 +12,7 @@ import msgspec
 import pytest
 
 from tests.conftest import write_organism
+from xml_pipeline.config import load_organism
 from xml_pipeline.errors import LeaseLostError
 from xml_pipeline.events import (
     Event,
@@ -26,7 +27,6 @@ from xml_pipeline.events import (
     Recorded,
 )
 from xml_pipeline.log.memory import MemoryLog
-from xml_pipeline.organism import load_organism
 from xml_pipeline.pump import Pump, open_pump
 from xml_pipeline.state import State, project, replay
 from xml_pipeline.state.scheduling import Lease, check, grant

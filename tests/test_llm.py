@@ -12,9 +12,9 @@ import pytest
 
 from tests.conftest import write_organism
 from tests.messages_stub import Answer, Stub, messages_stub
+from xml_pipeline.config import Organism, load_organism
 from xml_pipeline.events import BudgetExhausted, ModelResponded, TokensUsed
 from xml_pipeline.log.file import open_file_log
-from xml_pipeline.organism import Organism, load_organism
 from xml_pipeline.pump import open_pump
 from xml_pipeline.state import replay
 

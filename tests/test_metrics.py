@@ -17,9 +17,9 @@ from tests import handlers
 from tests.api_server import client, running_server
 from tests.conftest import write_organism
 from tests.test_pump import ITEM_XSD, ORGANISM
+from xml_pipeline.config import Organism, load_organism
 from xml_pipeline.events import TokensUsed
 from xml_pipeline.log.file import open_file_log
-from xml_pipeline.organism import Organism, load_organism
 
 #: name -> type of every family the endpoint serves (as the parser names them: a counter's
 #: family drops the ``_total`` of its samples).

@@ -33,7 +33,7 @@ from tests.test_pump import ITEM_XSD, ORGANISM
 from xml_pipeline.api import app as api_app
 from xml_pipeline.api.app import create_app
 from xml_pipeline.api.openapi import GUARDS, OPERATION_IDS, document
-from xml_pipeline.organism import Organism, load_organism
+from xml_pipeline.config import Organism, load_organism
 from xml_pipeline.pump import open_pump
 
 TOKEN = "openapi-token"

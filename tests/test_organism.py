@@ -7,8 +7,8 @@ import pytest
 
 from tests.conftest import ROOT, write_organism
 from xml_pipeline.cli import main
+from xml_pipeline.config import load_organism, parse_duration
 from xml_pipeline.errors import OrganismError
-from xml_pipeline.organism import load_organism, parse_duration
 
 _counter = itertools.count()
 

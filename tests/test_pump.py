@@ -13,6 +13,7 @@ import pytest
 from tests import handlers
 from tests.conftest import write_organism
 from xml_pipeline import delivery
+from xml_pipeline.config import load_organism
 from xml_pipeline.envelope import ENVELOPE_NS
 from xml_pipeline.errors import (
     EnvelopeError,
@@ -31,7 +32,6 @@ from xml_pipeline.events import (
     ThreadKilled,
 )
 from xml_pipeline.log.file import FileLog, open_file_log
-from xml_pipeline.organism import load_organism
 from xml_pipeline.pump import Pump, open_pump
 from xml_pipeline.state import replay
 

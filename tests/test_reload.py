@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import write_organism
+from xml_pipeline.config import load_organism
 from xml_pipeline.errors import OrganismError
 from xml_pipeline.events import (
     HandlerSucceeded,
@@ -27,7 +28,6 @@ from xml_pipeline.events import (
     ReloadRejected,
 )
 from xml_pipeline.log.file import FileLog, open_file_log
-from xml_pipeline.organism import load_organism
 from xml_pipeline.pump import Pump, open_pump
 from xml_pipeline.reload import ReloadResult, reload_organism, watch
 from xml_pipeline.state import replay

@@ -40,6 +40,7 @@ from tests.test_llm import NOTE_XSD
 from tests.test_pump import ITEM_XSD, ORGANISM, item
 from xml_pipeline.api import app as api_app
 from xml_pipeline.cli import main
+from xml_pipeline.config import Organism, load_organism
 from xml_pipeline.envelope import ENVELOPE_NS
 from xml_pipeline.errors import LogDamagedError, OrganismError
 from xml_pipeline.events import (
@@ -50,7 +51,6 @@ from xml_pipeline.events import (
 )
 from xml_pipeline.log.file import FileLog, open_file_log
 from xml_pipeline.log.segments import GENESIS, HEADER, HEADER_SIZE, make_frame, segments, verify_log
-from xml_pipeline.organism import Organism, load_organism
 from xml_pipeline.pump import Pump, open_pump
 from xml_pipeline.schemas import load_schema
 from xml_pipeline.state import replay

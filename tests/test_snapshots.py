@@ -18,9 +18,9 @@ from tests import handlers
 from tests.conftest import ROOT, write_organism
 from tests.test_pump import ITEM_XSD, ORGANISM, item
 from xml_pipeline import pump as pump_module
+from xml_pipeline.config import load_organism
 from xml_pipeline.events import Event, OrganismStopped
 from xml_pipeline.log.file import FileLog, open_file_log
-from xml_pipeline.organism import load_organism
 from xml_pipeline.pump import Pump, open_pump
 from xml_pipeline.state import latest_snapshot, replay, write_snapshot
 
@@ -33,7 +33,7 @@ CHILD = textwrap.dedent("""
     import asyncio, sys
     from pathlib import Path
     from xml_pipeline.log.file import open_file_log
-    from xml_pipeline.organism import load_organism
+    from xml_pipeline.config import load_organism
     from xml_pipeline.pump import open_pump
 
     async def main(organism: Path, data: Path) -> None:

@@ -4,6 +4,7 @@ This module re-exports what handler authors and embedders need; everything else 
 its own module.
 """
 
+from xml_pipeline.config import Listener, Organism, load_organism
 from xml_pipeline.envelope import Envelope, build_envelope, parse_envelope
 from xml_pipeline.errors import (
     EnvelopeError,
@@ -14,7 +15,7 @@ from xml_pipeline.errors import (
     XmlError,
     XmlPipelineError,
 )
-from xml_pipeline.organism import Listener, Organism, load_organism
+from xml_pipeline.version import __version__ as __version__
 from xml_pipeline.xmlsafe import XmlLimits, parse_xml
 
 __all__ = [
@@ -34,5 +35,3 @@ __all__ = [
     "parse_envelope",
     "parse_xml",
 ]
-
-__version__ = "0.1.0"

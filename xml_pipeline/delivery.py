@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 from typing import Any
 
+from xml_pipeline.config import Listener
 from xml_pipeline.errors import (
     BudgetExhaustedError,
     BusyError,
@@ -42,7 +43,6 @@ from xml_pipeline.events import (
 from xml_pipeline.handlers import Context, HandlerInfo, Payload
 from xml_pipeline.ledger import Ledger
 from xml_pipeline.mailbox import Delivery, Mailbox
-from xml_pipeline.organism import Listener
 from xml_pipeline.state.scheduling import Lease, grant
 from xml_pipeline.types import Clock
 

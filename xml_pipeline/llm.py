@@ -30,6 +30,7 @@ from typing import Any
 
 from lxml import etree
 
+from xml_pipeline.config import Listener, Organism
 from xml_pipeline.errors import AgentError, BudgetExhaustedError, XmlError
 from xml_pipeline.events import (
     BudgetExhausted,
@@ -43,7 +44,6 @@ from xml_pipeline.events import (
 from xml_pipeline.handlers import SYSTEM_NS, Context
 from xml_pipeline.ids import IdFactory
 from xml_pipeline.ledger import Ledger
-from xml_pipeline.organism import Listener, Organism
 from xml_pipeline.state.budgets import blocking, gauges
 from xml_pipeline.types import Clock
 from xml_pipeline.xmlsafe import parse_xml

@@ -30,7 +30,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import xml_pipeline
+from xml_pipeline.config import Listener, Organism
 from xml_pipeline.delivery import Deliverer
 from xml_pipeline.envelope import LOGGED_LIMITS, parse_envelope
 from xml_pipeline.errors import (
@@ -65,12 +65,12 @@ from xml_pipeline.llm import AgentRuntime
 from xml_pipeline.log import EventLog
 from xml_pipeline.log.file import FileLog
 from xml_pipeline.mailbox import Delivery, Mailbox
-from xml_pipeline.organism import Listener, Organism
 from xml_pipeline.router import Accepted, Router
 from xml_pipeline.state import State, latest_snapshot, replay, write_snapshot
 from xml_pipeline.state.budgets import raised as budget_raised
 from xml_pipeline.state.threads import FINAL
 from xml_pipeline.types import Clock, system_clock
+from xml_pipeline.version import __version__
 
 __all__ = ["Accepted", "Pump", "open_pump"]
 
@@ -342,7 +342,7 @@ class Pump:
         events: list[Event] = [OrganismStarted(at=now, name=self.organism.name,
                                                digest=self.organism.digest, pid=os.getpid(),
                                                host=socket.gethostname(),
-                                               version=xml_pipeline.__version__)]
+                                               version=__version__)]
         if self.state.agents.digest != self.organism.digest:
             events.append(loaded_event(self.organism, at=now))
         await self._commit(events)

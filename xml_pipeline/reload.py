@@ -20,8 +20,8 @@ from pathlib import Path
 from types import CodeType, FunctionType
 from typing import Any
 
+from xml_pipeline.config import Organism, load_organism
 from xml_pipeline.errors import OrganismError
-from xml_pipeline.organism import Organism, load_organism
 from xml_pipeline.pump import Pump, budgets_of
 
 __all__ = ["DEBOUNCE_MS", "ReloadResult", "diff_organisms", "handler_code_digest",

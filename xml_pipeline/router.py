@@ -18,6 +18,7 @@ from typing import Any
 
 from lxml import etree
 
+from xml_pipeline.config import RESERVED_SENDERS, Listener, Organism
 from xml_pipeline.envelope import (
     ENVELOPE_NS,
     build_envelope,
@@ -42,7 +43,6 @@ from xml_pipeline.handlers import Payload, coerce_payload, system_error
 from xml_pipeline.ids import IdFactory
 from xml_pipeline.ledger import Ledger
 from xml_pipeline.mailbox import Delivery, Mailbox
-from xml_pipeline.organism import RESERVED_SENDERS, Listener, Organism
 from xml_pipeline.state.scheduling import Lease, check
 from xml_pipeline.types import Clock
 

@@ -26,9 +26,9 @@ from xml_pipeline.api.auth import BodyLimitMiddleware, GuardMiddleware, RequestL
 from xml_pipeline.api.metrics import Observer, metrics
 from xml_pipeline.api.openapi import document
 from xml_pipeline.api.responses import ApiError, JSONResponse, error_response
+from xml_pipeline.config import Organism
 from xml_pipeline.errors import XmlPipelineError
 from xml_pipeline.log.file import open_file_log
-from xml_pipeline.organism import Organism
 from xml_pipeline.pump import Pump, open_pump
 from xml_pipeline.reload import watch as reload_watch
 

@@ -30,7 +30,7 @@ from starlette.applications import Starlette
 from xml_pipeline.api.app import create_app, open_organism
 from xml_pipeline.api.auth import TOKEN_ENV
 from xml_pipeline.api.stream import close_streams
-from xml_pipeline.organism import Organism
+from xml_pipeline.config import Organism
 from xml_pipeline.pump import Pump
 
 __all__ = ["CannotBindError", "Server", "UnsafeBindError", "config", "is_loopback",

@@ -16,10 +16,10 @@ from starlette.routing import Route
 
 from xml_pipeline.api.budgets import budget_summary, thread_budget
 from xml_pipeline.api.responses import ApiError, JSONResponse, integer, listing, page
+from xml_pipeline.config import Listener
 from xml_pipeline.envelope import format_timestamp
 from xml_pipeline.events import MessageAccepted
 from xml_pipeline.llm import KEY_ENV
-from xml_pipeline.organism import Listener
 from xml_pipeline.pump import Pump
 from xml_pipeline.state.budgets import UsageTotals
 from xml_pipeline.state.threads import ThreadInfo

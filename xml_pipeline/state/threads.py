@@ -20,6 +20,7 @@ from functools import singledispatch
 
 import msgspec
 
+from xml_pipeline.config import RESERVED_SENDERS
 from xml_pipeline.events import (
     BudgetExhausted,
     BudgetRaised,
@@ -37,7 +38,6 @@ from xml_pipeline.events import (
     ThreadCompleted,
     ThreadKilled,
 )
-from xml_pipeline.organism import RESERVED_SENDERS
 
 __all__ = ["FINAL", "KEEP_ENDED", "KEEP_KEYS", "MessageInfo", "ThreadInfo", "Threads", "evolve"]
 

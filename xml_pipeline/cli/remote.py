@@ -1,4 +1,5 @@
-"""CLI commands that talk to a running organism over its HTTP API.
+"""CLI commands that talk to a running organism over its HTTP API: inject, reload, threads,
+dead-letters, budget and usage (``tail --url`` is in ``tail.py``).
 
 They find it with ``--url``, else ``XML_PIPELINE_URL``, else the ``api`` of ``./organism.yaml``
 (with ``XML_PIPELINE_HOST``/``XML_PIPELINE_PORT`` taking precedence), else 127.0.0.1:8765.
@@ -8,39 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
-from xml_pipeline.errors import OrganismError
-from xml_pipeline.organism import Organism, load_organism
+from xml_pipeline.cli.defaults import local_organism
 
-__all__ = ["RECONNECT_FIRST", "RECONNECT_MAX", "Style", "UsageError", "budget_command",
-           "inject_command", "local_organism", "remote_command", "tail_command", "usage_command"]
-
-DEFAULT_ORGANISM = "organism.yaml"
-
-
-def local_organism() -> Organism | None:
-    """The organism of ``./organism.yaml`` if there is a valid one (for default paths and
-    addresses), else None."""
-    organism_file = Path(DEFAULT_ORGANISM)
-    if not organism_file.exists():
-        return None
-    try:
-        return load_organism(organism_file)
-    except OrganismError:
-        return None
-
-
-class Style:
-    def __init__(self, stream: TextIO) -> None:
-        self.on = stream.isatty() and os.environ.get("NO_COLOR") is None
-
-    def __call__(self, text: str, code: str) -> str:
-        return f"\033[{code}m{text}\033[0m" if self.on else text
+__all__ = ["UsageError", "api_url", "budget_command", "inject_command", "remote_command",
+           "usage_command"]
 
 
 def _read_payload(text: str) -> str:
@@ -55,8 +31,10 @@ class UsageError(Exception):
     """A command-line value that cannot work; the message says why (exit status 2)."""
 
 
-def _url(args: argparse.Namespace) -> str:
-    from xml_pipeline.client import default_url, organism_url
+def api_url(args: argparse.Namespace) -> str:
+    """The organism's base URL, found as this module says; raises ``UsageError`` if the URL
+    given cannot be one."""
+    from xml_pipeline.cli.client import default_url, organism_url
 
     try:
         if args.url:
@@ -71,7 +49,7 @@ def _url(args: argparse.Namespace) -> str:
 
 
 def inject_command(args: argparse.Namespace) -> int:
-    from xml_pipeline.client import Client, ClientError
+    from xml_pipeline.cli.client import Client, ClientError
 
     try:
         payload = _read_payload(args.payload)
@@ -84,7 +62,7 @@ def inject_command(args: argparse.Namespace) -> int:
     if args.idempotency_key is not None and not args.idempotency_key:
         raise UsageError("--idempotency-key must not be empty (leave it out for none).")
     try:
-        with Client(_url(args)) as client:
+        with Client(api_url(args)) as client:
             answer = client.inject(to=args.to, payload=payload, thread_id=args.thread,
                                    idempotency_key=args.idempotency_key)
     except ClientError as exc:
@@ -100,81 +78,12 @@ def inject_command(args: argparse.Namespace) -> int:
     return 0
 
 
-#: Seconds between attempts to reach an organism that went away, doubling up to the maximum.
-RECONNECT_FIRST = 0.25
-RECONNECT_MAX = 5.0
-
-
-def _show(item: dict[str, Any], json_lines: bool, out: TextIO, style: Style) -> None:
-    if json_lines:
-        out.write(json.dumps(item) + "\n")
-    else:
-        data = {k: v for k, v in item["data"].items() if k != "at"}
-        text = " ".join(f"{k}={str(v)[:80]}" for k, v in data.items()
-                        if v not in (None, "", []) and k not in
-                        ("envelope", "source", "listeners"))
-        out.write(f"{style('#' + str(item['position']), '2')} {item['at']} "
-                  f"{style(item['type'], '36')} {text}\n")
-    out.flush()
-
-
-def tail_command(args: argparse.Namespace) -> int:
-    """Follow a running organism's events. When it goes away (stopped, restarted, network)
-    this says so on standard error and reconnects from the last position it printed, until
-    interrupted; with ``--no-follow`` it exits with status 1 instead."""
-    from xml_pipeline.client import Client, ClientError
-
-    out, style = sys.stdout, Style(sys.stdout)
-    url = _url(args)
-    after: int | None = args.after
-    delay, lost = RECONNECT_FIRST, False
-
-    def opened() -> None:
-        nonlocal delay, lost
-        if lost:
-            print(f"Reconnected to {url}; resuming after #{after}.", file=sys.stderr,
-                  flush=True)
-        delay, lost = RECONNECT_FIRST, False
-
-    with Client(url) as client:
-        while True:
-            try:
-                if after is None:  # only new events, or the last -n of them
-                    after = max(0, int(client.get("/organism")["position"]) - (args.lines or 0))
-                for item in client.events(after=after, thread=args.thread, agent=args.agent,
-                                          types=args.type, on_open=opened):
-                    if "error" in item:  # the log is damaged there: reading on fails again
-                        print(f"{item['error']['message']} (the stream stopped after "
-                              f"#{item['error']['after']})", file=sys.stderr)
-                        return 1
-                    if "position" not in item:  # a lagging notice: resume where it says
-                        after = int(item["after"])
-                        raise ClientError(0, "lagging", str(item.get("message")))
-                    after = int(item["position"])
-                    _show(item, args.json, out, style)
-                reason = f"The organism at {url} ended the stream (it stopped)"
-            except ClientError as exc:
-                if 0 < exc.status < 500:  # refused: trying again gives the same answer
-                    print(exc.message, file=sys.stderr)
-                    return 1
-                reason = exc.message.rstrip(".")
-            if args.no_follow:
-                print(f"{reason}; not reconnecting (--no-follow).", file=sys.stderr)
-                return 1
-            if not lost:
-                print(f"{reason}; reconnecting to resume after #{after} (Ctrl-C to stop).",
-                      file=sys.stderr, flush=True)
-                lost = True
-            time.sleep(delay)
-            delay = min(delay * 2, RECONNECT_MAX)
-
-
 def remote_command(args: argparse.Namespace) -> int:
     """reload / threads / dead-letters against a running organism."""
-    from xml_pipeline.client import Client, ClientError
+    from xml_pipeline.cli.client import Client, ClientError
 
     try:
-        with Client(_url(args)) as client:
+        with Client(api_url(args)) as client:
             if args.command == "reload":
                 result = client.post("/organism/reload")
             elif args.command == "threads":
@@ -272,7 +181,7 @@ def budget_command(args: argparse.Namespace) -> int:
     threads go on, and what still holds those that do not."""
     from urllib.parse import quote
 
-    from xml_pipeline.client import Client, ClientError
+    from xml_pipeline.cli.client import Client, ClientError
 
     problem = _budget_usage(args)
     if problem:
@@ -288,7 +197,7 @@ def budget_command(args: argparse.Namespace) -> int:
     else:
         path = "/usage/organism/budget"
     try:
-        with Client(_url(args)) as client:
+        with Client(api_url(args)) as client:
             result = client.post(path, body)
     except ClientError as exc:
         message = exc.message
@@ -328,10 +237,10 @@ def budget_command(args: argparse.Namespace) -> int:
 
 def usage_command(args: argparse.Namespace) -> int:
     """Gas gauges: organism totals, each agent's budget, the hottest threads."""
-    from xml_pipeline.client import Client, ClientError
+    from xml_pipeline.cli.client import Client, ClientError
 
     try:
-        with Client(_url(args)) as client:
+        with Client(api_url(args)) as client:
             usage = client.get("/usage")["usage"]
             agents = client.get("/agents", limit=1000)["agents"]
             per_agent = {a["name"]: client.get(f"/usage/agents/{a['name']}") for a in agents
@@ -371,5 +280,3 @@ def usage_command(args: argparse.Namespace) -> int:
                 print(f"  {t['thread_id']} paused: {_held_text(hold)}" if hold else
                       f"  {t['thread_id']} paused")
     return 0
-
-

@@ -14,220 +14,41 @@ importable for ``handler: module:function``.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import importlib
-import inspect
-import math
-import re
 import stat
-import sys
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from types import MappingProxyType, ModuleType
+from types import MappingProxyType
 from typing import Any
 
+from xml_pipeline.config.importer import resolve_handler
+from xml_pipeline.config.model import (
+    FSYNC_POLICIES,
+    RESERVED_SENDERS,
+    AgentConfig,
+    ApiConfig,
+    Budget,
+    Listener,
+    LogConfig,
+    Organism,
+    Retention,
+    RetryPolicy,
+)
+from xml_pipeline.config.numbers import duration, finite
+from xml_pipeline.config.yamlsafe import YamlDocument, did_you_mean, show, where
 from xml_pipeline.envelope import is_valid_name
 from xml_pipeline.errors import OrganismError, Problem, SchemaError
 from xml_pipeline.schemas import PayloadSchema, load_schema
 from xml_pipeline.xmlsafe import XmlLimits
-from xml_pipeline.yamlsafe import YamlDocument, did_you_mean, show, where
 
-__all__ = [
-    "AgentConfig",
-    "ApiConfig",
-    "Budget",
-    "Listener",
-    "LogConfig",
-    "Organism",
-    "RESERVED_SENDERS",
-    "Retention",
-    "RetryPolicy",
-    "load_organism",
-    "parse_duration",
-]
+__all__ = ["load_organism", "parse_organism"]
 
-#: Senders the bus uses for messages that no listener sent; no listener may take these names.
-RESERVED_SENDERS = frozenset({"api", "cli", "system"})
-FSYNC_POLICIES = ("always", "batch", "never")
 #: The most workers one listener may have (each is a task the pump keeps for the listener).
 MAX_CONCURRENCY = 1024
-#: The longest timeout or retry backoff: beyond it, doubling backoffs soon overflow a float.
-MAX_DURATION = 7 * 24 * 3600.0
 #: The highest price (USD per million tokens): far above any model's, far below overflow.
 MAX_PRICE = 1_000_000
 
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RetryPolicy:
-    max: int = 0  # retries after the first attempt
-    backoff: float = 1.0  # seconds before the first retry; doubles each time
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Budget:
-    """Token limits; ``None`` means no limit at that scope."""
-
-    thread_tokens: int | None = None
-    agent_tokens: int | None = None
-    organism_tokens: int | None = None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class AgentConfig:
-    model: str
-    system: str
-    max_tokens: int = 1024
-    temperature: float | None = None
-    #: USD per million tokens, overriding the built-in price table for this agent
-    price_input: float | None = None
-    price_output: float | None = None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class LogConfig:
-    path: Path | None = None
-    url: str | None = None
-    fsync: str = "batch"
-    segment_bytes: int = 64 * 1024 * 1024
-    #: records between snapshots of the state while running (0: only on a graceful stop)
-    snapshot_every: int = 100_000
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ApiConfig:
-    host: str = "127.0.0.1"
-    port: int = 8765
-    #: HTTP requests handled at once (event streams aside); more are answered 503 at once
-    max_requests: int = 256
-    #: seconds a request body may take to arrive; a slower one is answered 408
-    body_timeout: float = 5.0
-
-
 _API_DEFAULTS = ApiConfig()
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Retention:
-    """How much finished work the state keeps in memory (the log keeps everything)."""
-
-    #: ended threads kept, newest first; older ones are answered from the log only
-    ended_threads: int = 10_000
-    #: idempotency keys remembered, newest first
-    idempotency_keys: int = 100_000
-
-    def summary(self) -> dict[str, int]:
-        return {"ended_threads": self.ended_threads, "idempotency_keys": self.idempotency_keys}
-
-
-@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
-class Listener:
-    name: str
-    description: str
-    schema: PayloadSchema
-    peers: tuple[str, ...]
-    handler: str | None = None  # "module:function"
-    handler_fn: Callable[..., Any] | None = field(default=None, repr=False)
-    agent: AgentConfig | None = None
-    concurrency: int = 1
-    timeout: float = 30.0
-    retries: RetryPolicy = RetryPolicy()
-    budget: Budget = Budget()
-    line: int | None = None
-
-    def summary(self) -> dict[str, Any]:
-        """The listener's configuration as plain data (recorded in the log, shown by the API)."""
-        return {
-            "name": self.name,
-            "description": self.description,
-            "payload": str(self.schema.path),
-            "payload_type": self.schema.root,
-            "payload_namespace": self.schema.namespace,
-            "schema_digest": self.schema.digest,
-            "handler": self.handler,
-            "agent": None
-            if self.agent is None
-            else {
-                "model": self.agent.model,
-                "system": self.agent.system,
-                "max_tokens": self.agent.max_tokens,
-                "temperature": self.agent.temperature,
-                "prices": {"input": self.agent.price_input, "output": self.agent.price_output},
-            },
-            "peers": list(self.peers),
-            "concurrency": self.concurrency,
-            "timeout": self.timeout,
-            "retries": {"max": self.retries.max, "backoff": self.retries.backoff},
-            "budget": {
-                "thread_tokens": self.budget.thread_tokens,
-                "agent_tokens": self.budget.agent_tokens,
-            },
-        }
-
-
-@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
-class Organism:
-    name: str
-    path: Path
-    root: Path
-    source: str
-    digest: str
-    log: LogConfig
-    api: ApiConfig
-    budgets: Budget
-    limits: XmlLimits
-    retention: Retention
-    listeners: Mapping[str, Listener]
-
-
-_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*\Z")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-
-
-def parse_duration(value: Any) -> float:
-    """Seconds from ``30``, ``1.5``, ``"500ms"``, ``"30s"``, ``"2m"`` or ``"1h"``. Raises
-    ``ValueError`` for anything else, including negative, infinite and NaN durations."""
-    if isinstance(value, bool):
-        raise ValueError(value)
-    if isinstance(value, int | float):
-        seconds = _finite(value)
-    else:
-        match = _DURATION.match(value) if isinstance(value, str) else None
-        if not match:
-            raise ValueError(value)
-        seconds = float(match.group(1)) * _UNITS[match.group(2)]
-    if seconds is None or not seconds >= 0 or math.isinf(seconds):
-        raise ValueError(value)
-    return seconds
-
-
-def _finite(value: int | float) -> float | None:
-    """``value`` as a float, or None if it is not a finite number (NaN, infinity, a huge int)."""
-    try:
-        number = float(value)
-    except OverflowError:
-        return None
-    return number if math.isfinite(number) else None
-
-
-def _duration(doc: _Doc, value: Any, path: tuple[Any, ...], default: float, *,
-              positive: bool = False) -> float:
-    if value is None:
-        return default
-    try:
-        seconds = parse_duration(value)
-    except ValueError:
-        seconds = -1.0
-    if seconds < 0 or (positive and seconds == 0):
-        doc.problem(path, f"{where(path)} must be a duration{' over 0' if positive else ''} "
-                          f"such as 30s, 500ms or 2m, not {show(value)}.")
-        return default
-    if seconds > MAX_DURATION:
-        doc.problem(path, f"{where(path)} must be at most {MAX_DURATION / 3600:g}h, "
-                          f"not {show(value)}.")
-        return default
-    return seconds
 
 
 # --------------------------------------------------------------------------- sections
@@ -287,74 +108,15 @@ def _log(doc: _Doc, value: Any, root: Path) -> LogConfig:
                      snapshot_every=snapshot_every or 0)
 
 
-#: module name -> digest of its source file when it was (re)imported by a load
-_module_digests: dict[str, str] = {}
-
-
-def _file_digest(module: ModuleType) -> str | None:
-    source = getattr(module, "__file__", None)
-    if not source:
-        return None
-    try:
-        return hashlib.sha256(Path(source).read_bytes()).hexdigest()
-    except OSError:
-        return None
-
-
-def _import_fresh(name: str) -> ModuleType:
-    """Import a handler module, or reload it if its file changed since it was imported (so a
-    reload picks up edited handler code); only that module, not the modules it imports."""
-    module = sys.modules.get(name)
-    if module is None:
-        module = importlib.import_module(name)
-    elif (digest := _file_digest(module)) and _module_digests.get(name) not in (None, digest):
-        # Bytecode is reused if size and mtime (whole seconds) match: a quick edit may not.
-        with contextlib.suppress(AttributeError, OSError, TypeError):
-            Path(module.__cached__).unlink(missing_ok=True)
-        module = importlib.reload(module)
-    digest = _file_digest(module)
-    if digest is not None:
-        _module_digests[name] = digest
-    return module
-
-
 def _import_handler(doc: _Doc, ref: str, path: tuple[Any, ...], root: Path
                     ) -> Callable[..., Any] | None:
     found = doc.handlers.get(ref)
     if found is None:  # each reference is resolved once per load, however often it is used
-        found = doc.handlers[ref] = _resolve_handler(ref, root)
+        found = doc.handlers[ref] = resolve_handler(ref, root)
     if isinstance(found, str):
         doc.problem(path, found)
         return None
     return found
-
-
-def _resolve_handler(ref: str, root: Path) -> Callable[..., Any] | str:
-    """The handler function ``ref`` names, or the sentence that says why there is none."""
-    module_name, _, attr = ref.partition(":")
-    if not (attr.isidentifier() and all(part.isidentifier() for part in module_name.split("."))):
-        return (f"handler {show(ref)} must be written 'module:function', "
-                "for example examples.hello:greet.")
-    folder = str(root)
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
-    try:
-        module = _import_fresh(module_name)
-    except ModuleNotFoundError as exc:
-        return (f"handler {show(ref)}: cannot import module '{module_name}' ({exc}); "
-                f"module paths are relative to {folder}.")
-    except Exception as exc:  # any error raised while importing the operator's code
-        return (f"handler {show(ref)}: importing '{module_name}' raised "
-                f"{type(exc).__name__}: {exc}.")
-    fn = getattr(module, attr, None)
-    if fn is None:
-        public = [n for n in vars(module) if not n.startswith("_")]
-        return (f"handler {show(ref)}: module '{module_name}' has no '{attr}'."
-                f"{did_you_mean(attr, public)}")
-    if not inspect.iscoroutinefunction(fn):
-        return (f"handler {show(ref)} must be an 'async def' function taking "
-                "(payload, ctx).")
-    return fn
 
 
 def _file_name(doc: _Doc, value: str | None, path: tuple[Any, ...]) -> str | None:
@@ -440,11 +202,11 @@ def _listener(doc: _Doc, raw: Any, index: int, root: Path, file_dir: Path) -> Li
     retries = RetryPolicy(
         max=doc.whole_number(retries_raw.get("max"), (*path, "retries", "max"), minimum=0,
                              default=0) or 0,
-        backoff=_duration(doc, retries_raw.get("backoff"), (*path, "retries", "backoff"), 1.0),
+        backoff=duration(doc, retries_raw.get("backoff"), (*path, "retries", "backoff"), 1.0),
     )
     concurrency = doc.whole_number(value.get("concurrency"), (*path, "concurrency"),
                                    minimum=1, maximum=MAX_CONCURRENCY, default=1) or 1
-    timeout = _duration(doc, value.get("timeout"), (*path, "timeout"), 30.0)
+    timeout = duration(doc, value.get("timeout"), (*path, "timeout"), 30.0)
     budget = _budget(doc, value.get("budget"), (*path, "budget"), _LISTENER_BUDGET)
     if name is None or description is None or schema is None:
         return None
@@ -485,7 +247,7 @@ def _agent(doc: _Doc, raw: Any, path: tuple[Any, ...]) -> AgentConfig | None:
         number = None
         if raw is not None:
             if not isinstance(raw, bool) and isinstance(raw, int | float):
-                number = _finite(raw)
+                number = finite(raw)
             if number is None or not 0 <= number <= MAX_PRICE:
                 doc.problem((*path, "prices", key), f"agent.prices.{key} must be a price in USD "
                                                     f"per million tokens (a number from 0 to "
@@ -531,7 +293,7 @@ def parse_organism(text: str, *, path: Path) -> Organism:
     max_requests = doc.whole_number(api_raw.get("max_requests"),
                                     ("organism", "api", "max_requests"), minimum=1,
                                     default=_API_DEFAULTS.max_requests)
-    body_timeout = _duration(doc, api_raw.get("body_timeout"), ("organism", "api", "body_timeout"),
+    body_timeout = duration(doc, api_raw.get("body_timeout"), ("organism", "api", "body_timeout"),
                              _API_DEFAULTS.body_timeout, positive=True)
     retention_raw = doc.mapping(org.get("retention"), ("organism", "retention"), _RETENTION)
     defaults = Retention().summary()

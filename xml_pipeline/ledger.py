@@ -1,11 +1,12 @@
 """The ledger: the pump's write-ahead path. Events are appended, then folded.
 
 ``commit_soon`` queues events; every commit made in one turn of the event loop shares one
-append (one write batch, one fold callback). Events are folded into ``state`` with the same
-``State.apply`` a replay uses, strictly in log order, only once durable; each commit's future
-is done after its events are folded. The ledger also records ``ThreadCompleted`` when the last
-open message of a thread finishes, in the same append as that outcome when it can tell ahead
-of the fold.
+append (one write batch). The state is folded from the log itself: ``running()`` follows the
+log (``EventLog.follow``) and folds every record it gives, in log order, with the same
+``State.apply`` a replay uses, whoever appended it (this pump, or another writer of a shared
+log). A commit's future is done once the log says its events are durable and the fold has
+reached them. The ledger also records ``ThreadCompleted`` when the last open message of a
+thread finishes, in the same append as that outcome when it can tell ahead of the fold.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from functools import partial
 
 from xml_pipeline.events import (
@@ -33,6 +36,8 @@ __all__ = ["Ledger"]
 _log = logging.getLogger("xml_pipeline.pump")
 _OUTCOMES = (HandlerSucceeded, MessageDeadLettered, MessageDropped)
 _Batch = list[tuple[list[Event], "asyncio.Future[list[int]]"]]
+#: an append the log made durable: its last position, the batch and the positions
+_Durable = tuple[int, _Batch, list[int]]
 
 
 class Ledger:
@@ -43,7 +48,9 @@ class Ledger:
         self._loop = asyncio.get_running_loop()
         self._buffer: _Batch = []
         self._flush_scheduled = False
-        self._unfolded: dict[int, Event] = {}
+        self._durable: deque[_Durable] = deque()  # appended, waiting for the fold to reach
+        self._settle_scheduled = False
+        self._finished: list[str] = []  # threads whose message the fold just closed
         self._completing: set[str] = set()  # threads whose ThreadCompleted is on its way
         self._open: dict[str, int] = {}  # open messages per thread, ahead of the fold
         self.appending = 0  # commits not yet folded (or failed)
@@ -55,7 +62,45 @@ class Ledger:
 
     @property
     def idle(self) -> bool:
-        return not self.appending and not self._unfolded and not self._buffer
+        return not self.appending and not self._buffer
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Fold the log as it grows, from ``state.position`` on, for the duration of the
+        block; the task that follows it is cancelled and awaited on the way out (and its
+        failure, a record that cannot be read, raised there)."""
+        task = asyncio.create_task(self._follow(), name="ledger")
+        try:
+            yield
+        finally:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                if not task.cancelled():
+                    raise
+
+    async def _follow(self) -> None:
+        state = self.state
+        apply = state.apply
+        observers = self.observers
+        finished = self._finished
+        async for record in self.log.follow(after=state.position):
+            position, event = record.position, record.event
+            if position <= state.position:
+                continue
+            apply(position, event)
+            for observer in observers:
+                observer(position, event)
+            if isinstance(event, _OUTCOMES):
+                message = state.threads.messages.get(event.message_id)
+                if message is not None:
+                    finished.append(message.thread_id)
+            elif isinstance(event, ThreadCompleted):
+                self._completing.discard(event.thread_id)
+            if not self._settle_scheduled:
+                self._settle_scheduled = True
+                self._loop.call_soon(self._settle)
 
     async def wait_healthy(self) -> None:
         """Return once the log takes appends (at once, unless an append failed)."""
@@ -135,7 +180,7 @@ class Ledger:
         except Exception as exc:  # a closed or failed log: nothing was appended
             self._failed(batch, exc)
             return
-        future.add_done_callback(partial(self._fold, batch, time.perf_counter()))
+        future.add_done_callback(partial(self._appended, batch, time.perf_counter()))
 
     def _failed(self, batch: list[tuple[list[Event], asyncio.Future[list[int]]]],
                 exc: BaseException) -> None:
@@ -154,8 +199,8 @@ class Ledger:
                 future.exception()  # retrieved here: fire-and-forget commits log it above
         self.notify()
 
-    def _fold(self, batch: list[tuple[list[Event], asyncio.Future[list[int]]]],
-              started: float, future: asyncio.Future[list[int]]) -> None:
+    def _appended(self, batch: _Batch, started: float,
+                  future: asyncio.Future[list[int]]) -> None:
         if future.cancelled():
             self._failed(batch, asyncio.CancelledError())
             return
@@ -163,33 +208,34 @@ class Ledger:
         if error is not None:
             self._failed(batch, error)
             return
-        self.appending -= len(batch)
         self.append_latency.observe((time.perf_counter() - started) * 1000)
         positions = future.result()
-        unfolded = self._unfolded
-        for position, event in zip(positions, (e for part, _ in batch for e in part),
-                                   strict=True):
-            unfolded[position] = event
+        if positions:
+            self._durable.append((positions[-1], batch, positions))
+        else:
+            for _, part_future in batch:
+                if not part_future.done():
+                    part_future.set_result([])
+            self.appending -= len(batch)
+        self._settle()
+
+    def _settle(self) -> None:
+        """Finish what the fold has reached: commits whose events it folded, threads whose
+        last open message it closed; then wake whoever waits."""
+        self._settle_scheduled = False
         state = self.state
-        finished: list[str] = []
-        while (following := state.position + 1) in unfolded:
-            event = unfolded.pop(following)
-            state.apply(following, event)
-            for observer in self.observers:
-                observer(following, event)
-            if isinstance(event, _OUTCOMES):
-                message = state.threads.messages.get(event.message_id)
-                if message is not None:
-                    finished.append(message.thread_id)
-            elif isinstance(event, ThreadCompleted):
-                self._completing.discard(event.thread_id)
-        start = 0
-        for part, part_future in batch:
-            if not part_future.done():
-                part_future.set_result(positions[start:start + len(part)])
-            start += len(part)
+        durable = self._durable
+        while durable and durable[0][0] <= state.position:
+            _, batch, positions = durable.popleft()
+            self.appending -= len(batch)
+            start = 0
+            for part, part_future in batch:
+                if not part_future.done():
+                    part_future.set_result(positions[start:start + len(part)])
+                start += len(part)
         # A thread whose last open message just finished is complete (if the worker did not
         # already record it with the outcome).
+        finished, self._finished = self._finished, []
         for thread_id in finished:
             thread = state.threads.threads.get(thread_id)
             if (thread is not None and thread.status == "active" and thread.open_count == 0

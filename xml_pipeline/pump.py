@@ -329,13 +329,16 @@ class Pump:
 
     # ------------------------------------------------------------ start and recovery
 
-    async def _start(self) -> None:
+    async def _replay(self) -> None:
         folder = self._snapshots()
         snapshot = None if folder is None else latest_snapshot(folder, log=self.log)
         self.replayed_from = 0 if snapshot is None else snapshot.position
         self._ledger.state = await replay(self.log, state=snapshot)
         if folder is not None:
             self._snapshot_due = self._next_snapshot(self.replayed_from)
+
+    async def _start(self) -> None:
+        """Record the start and recover (once the ledger follows the log)."""
         # After a crash (no OrganismStopped last), any pending message may have been seen.
         self._clean_start = self.state.agents.status in ("new", "stopped")
         now = self._clock()
@@ -554,16 +557,18 @@ async def open_pump(organism: Organism, log: EventLog, *, clock: Clock = system_
     a snapshot is saved every ``snapshot_every`` records (0 or None: only on stop)."""
     pump = Pump(organism=organism, log=log, clock=clock, mailbox_capacity=mailbox_capacity,
                 stop_timeout=stop_timeout, snapshot_every=snapshot_every)
-    await pump._start()
-    async with asyncio.TaskGroup() as group:
-        pump._group = group
-        for name, listener in organism.listeners.items():
-            pump._spawn_workers(name, 0, listener.concurrency)
-        probe = getattr(log, "probe", None)
-        if probe is not None:  # after a failed append, find out when the log works again
-            pump._workers.append(group.create_task(pump._ledger.recover(probe),
-                                                   name="log-recovery"))
-        try:
-            yield pump
-        finally:
-            await pump._stop("stopped")
+    await pump._replay()
+    async with pump._ledger.running():
+        await pump._start()
+        async with asyncio.TaskGroup() as group:
+            pump._group = group
+            for name, listener in organism.listeners.items():
+                pump._spawn_workers(name, 0, listener.concurrency)
+            probe = getattr(log, "probe", None)
+            if probe is not None:  # after a failed append, find out when the log works again
+                pump._workers.append(group.create_task(pump._ledger.recover(probe),
+                                                       name="log-recovery"))
+            try:
+                yield pump
+            finally:
+                await pump._stop("stopped")

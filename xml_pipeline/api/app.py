@@ -22,8 +22,10 @@ from starlette.responses import Response
 from starlette.routing import Mount, Route
 
 from xml_pipeline.api import commands, stream, views
-from xml_pipeline.api.auth import BodyLimitMiddleware, GuardMiddleware, RequestLimitMiddleware
 from xml_pipeline.api.metrics import Observer, metrics
+from xml_pipeline.api.middleware.body import BodyLimitMiddleware
+from xml_pipeline.api.middleware.guard import GuardMiddleware
+from xml_pipeline.api.middleware.limits import RequestLimitMiddleware
 from xml_pipeline.api.openapi import document
 from xml_pipeline.api.responses import ApiError, JSONResponse, error_response
 from xml_pipeline.errors import XmlPipelineError

@@ -1,7 +1,8 @@
 """Response shapes shared by every endpoint: JSON bodies, errors, pagination.
 
 Errors are ``{"error": {"code", "message", "details", "request_id"}}`` with the status that
-fits; lists are ``{"<items>": [...], "count", "total", "offset", "limit"}``.
+fits, from an endpoint (``error_response``) or from a middleware that answers before it
+(``send_error``); lists are ``{"<items>": [...], "count", "total", "offset", "limit"}``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 import msgspec
 from starlette.requests import HTTPConnection
 from starlette.responses import Response
+from starlette.types import Scope, Send
 
 from xml_pipeline.errors import XmlPipelineError
 
@@ -22,6 +24,7 @@ __all__ = [
     "error_response",
     "listing",
     "page",
+    "send_error",
     "status_for",
 ]
 
@@ -110,6 +113,19 @@ def error_response(conn: HTTPConnection, error: ApiError) -> JSONResponse:
     body = {"error": {"code": error.code, "message": error.message, "details": error.details,
                       "request_id": request_id(conn)}}
     return JSONResponse(body, status_code=error.status, headers=error.headers)
+
+
+async def send_error(scope: Scope, send: Send, status: int, code: str, message: str,
+                     extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
+    """Answer ``status`` with the error body, straight over ASGI: for the middleware, which
+    answers before there is a request or an application to raise ``ApiError`` in."""
+    request_id = scope.get("state", {}).get("request_id")
+    body = _encoder.encode({"error": {"code": code, "message": message, "details": None,
+                                      "request_id": request_id}})
+    headers = [(b"content-type", b"application/json"),
+               (b"content-length", str(len(body)).encode()), *extra]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _int(conn: HTTPConnection, name: str, default: int, low: int, high: int) -> int:

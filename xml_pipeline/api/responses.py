@@ -1,4 +1,4 @@
-"""Response shapes shared by every endpoint: JSON bodies, errors, pagination.
+"""Response shapes shared by every endpoint: JSON bodies, errors, lists, times.
 
 Errors are ``{"error": {"code", "message", "details", "request_id"}}`` with the status that
 fits, from an endpoint (``error_response``) or from a middleware that answers before it
@@ -15,6 +15,7 @@ from starlette.requests import HTTPConnection
 from starlette.responses import Response
 from starlette.types import Scope, Send
 
+from xml_pipeline.envelope import format_timestamp
 from xml_pipeline.errors import XmlPipelineError
 
 __all__ = [
@@ -23,9 +24,9 @@ __all__ = [
     "STATUS_BY_CODE",
     "error_response",
     "listing",
-    "page",
     "send_error",
     "status_for",
+    "timestamp",
 ]
 
 _encoder = msgspec.json.Encoder()
@@ -128,31 +129,9 @@ async def send_error(scope: Scope, send: Send, status: int, code: str, message: 
     await send({"type": "http.response.body", "body": body})
 
 
-def _int(conn: HTTPConnection, name: str, default: int, low: int, high: int) -> int:
-    raw = conn.query_params.get(name)
-    if raw is None:
-        return default
-    try:
-        # ASCII digits only: int() would also take " 5", "5_0" and "\u0665".
-        value = int(raw) if raw.isascii() and raw.isdigit() else low - 1
-    except ValueError:  # more digits than int() converts
-        value = low - 1
-    if not low <= value <= high:
-        raise ApiError("invalid_request",
-                       f"The query parameter {name!r} must be a whole number from {low} to "
-                       f"{high}, not {raw!r}.", details={"parameter": name})
-    return value
-
-
-def page(conn: HTTPConnection, *, default_limit: int = 50, max_limit: int = 1000
-         ) -> tuple[int, int]:
-    """``(limit, offset)`` from the query string, checked."""
-    return (_int(conn, "limit", default_limit, 1, max_limit),
-            _int(conn, "offset", 0, 0, 1 << 62))
-
-
-def integer(conn: HTTPConnection, name: str, default: int) -> int:
-    return _int(conn, name, default, 0, 1 << 62)
+def timestamp(seconds: float | None) -> str | None:
+    """A time in a response: RFC 3339 (``format_timestamp``), or None for none."""
+    return None if seconds is None else format_timestamp(seconds)
 
 
 def listing(name: str, items: Sequence[Any], *, total: int, limit: int, offset: int

@@ -26,6 +26,7 @@ from tests import handlers
 from tests.conftest import write_organism
 from tests.test_pump import ITEM_XSD, ORGANISM, item
 from xml_pipeline.api import stream
+from xml_pipeline.api.stream import feed, sse
 from xml_pipeline.config import Organism, load_organism
 from xml_pipeline.envelope import format_timestamp
 from xml_pipeline.errors import LogCorruptedError
@@ -307,7 +308,7 @@ async def test_bad_after_and_type_are_400_with_the_error_shape(tmp_path: Path) -
 
 async def test_keepalive_comments_while_idle(tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(stream, "KEEPALIVE_INTERVAL", 0.01)
+    monkeypatch.setattr(sse, "KEEPALIVE_INTERVAL", 0.01)
     async with serve(tmp_path) as served, httpx.AsyncClient() as client:
         async with client.stream("GET", served.events) as response:
             assert await anext(frames(response)) == {"comment": "keepalive"}
@@ -354,7 +355,7 @@ async def flood(pump: Pump) -> None:
 
 async def test_a_lagging_client_is_told_where_to_resume_and_disconnected(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(stream, "MAX_LAG", 50)
+    monkeypatch.setattr(feed, "MAX_LAG", 50)
     # Fixed socket buffers (a few hundred kB in all) so that a client that stops reading soon
     # blocks the stream's writes, while the bus writes megabytes; the pump must not notice.
     transport = httpx.AsyncHTTPTransport(socket_options=[RECEIVE_BUFFER])
@@ -391,7 +392,7 @@ async def test_a_lagging_client_is_told_where_to_resume_and_disconnected(
 
 async def test_a_lagging_websocket_is_told_and_closed_with_1013(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(stream, "MAX_LAG", 50)
+    monkeypatch.setattr(feed, "MAX_LAG", 50)
     async with serve(tmp_path, send_buffer=SEND_BUFFER) as served:
         pump = served.pump
         sock = socket.socket()

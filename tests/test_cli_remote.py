@@ -38,6 +38,9 @@ async def test_inject_threads_dead_letters_and_reload(tmp_path: Path,
         code, out, _ = await asyncio.to_thread(run, "threads", "--json")
         assert code == 0
         assert ids["thread_id"] in [t["thread_id"] for t in json.loads(out)["threads"]]
+        import httpx
+        async with httpx.AsyncClient(base_url=base) as http:
+            await http.get("/api/v1/organism/state")  # answers once idle: the retries are over
         code, out, _ = await asyncio.to_thread(run, "dead-letters")
         assert code == 0 and out.startswith("1 dead letters") and "failing" in out
         (tmp_path / "org" / "organism.yaml").write_text(

@@ -22,8 +22,8 @@ from websockets.exceptions import ConnectionClosed
 from tests.api_server import running_server
 from tests.conftest import ROOT
 from xml_pipeline import cli
-from xml_pipeline.api import stream
 from xml_pipeline.api.app import create_app
+from xml_pipeline.api.stream import websocket
 from xml_pipeline.config import load_organism
 from xml_pipeline.events import CATALOGUE
 
@@ -158,11 +158,11 @@ def documented_close_codes() -> dict[int, str]:
 
 def test_the_documented_close_codes_are_the_servers() -> None:
     codes = documented_close_codes()
-    assert sorted(codes) == sorted({stream.LAGGING_CLOSE_CODE, stream.SHUTDOWN_CLOSE_CODE,
-                                    stream.DAMAGED_CLOSE_CODE})
-    assert "lagging" in codes[stream.LAGGING_CLOSE_CODE]
-    assert "damaged" in codes[stream.DAMAGED_CLOSE_CODE]
-    assert "shut" in codes[stream.SHUTDOWN_CLOSE_CODE]
+    assert sorted(codes) == sorted({websocket.LAGGING_CLOSE_CODE, websocket.SHUTDOWN_CLOSE_CODE,
+                                    websocket.DAMAGED_CLOSE_CODE})
+    assert "lagging" in codes[websocket.LAGGING_CLOSE_CODE]
+    assert "damaged" in codes[websocket.DAMAGED_CLOSE_CODE]
+    assert "shut" in codes[websocket.SHUTDOWN_CLOSE_CODE]
 
 
 async def closing_code(ws: ClientConnection) -> int | None:
@@ -182,8 +182,8 @@ async def test_a_websocket_open_at_shutdown_closes_with_the_documented_code(
         assert "subscribed" in json.loads(await ws.recv())
         code = asyncio.ensure_future(closing_code(ws))
     # Leaving running_server shut the server down, as SIGTERM or POST /organism/stop do.
-    assert await code == stream.SHUTDOWN_CLOSE_CODE
-    assert stream.SHUTDOWN_CLOSE_CODE in documented_close_codes()
+    assert await code == websocket.SHUTDOWN_CLOSE_CODE
+    assert websocket.SHUTDOWN_CLOSE_CODE in documented_close_codes()
 
 
 # ------------------------------------------------------------------ routes

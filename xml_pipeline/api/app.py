@@ -22,8 +22,10 @@ from starlette.responses import Response
 from starlette.routing import Mount, Route
 
 from xml_pipeline.api import commands, stream, views
-from xml_pipeline.api.auth import BodyLimitMiddleware, GuardMiddleware, RequestLimitMiddleware
 from xml_pipeline.api.metrics import Observer, metrics
+from xml_pipeline.api.middleware.body import BodyLimitMiddleware
+from xml_pipeline.api.middleware.guard import GuardMiddleware
+from xml_pipeline.api.middleware.limits import RequestLimitMiddleware
 from xml_pipeline.api.openapi import document
 from xml_pipeline.api.responses import ApiError, JSONResponse, error_response
 from xml_pipeline.config import Organism
@@ -110,6 +112,21 @@ def _body_timeout(app: Starlette) -> float:
     return timeout
 
 
+async def _watch_files(pump: Pump, *, until: asyncio.Event) -> None:
+    """Reload ``pump``'s organism whenever one of its files changes, until ``until`` is set.
+
+    If watching fails, the error is logged at once and raised when ``until`` is set (as the
+    application shuts down): raised at once, it would make the lifespan's task group cancel
+    the lifespan, and with it the pump, under the requests still being served."""
+    try:
+        await reload_watch(pump, stop=until)
+    except Exception:
+        _log.exception("Watching the organism's files failed: changes to them are not "
+                       "reloaded until a restart (POST /api/v1/organism/reload still works).")
+        await until.wait()
+        raise
+
+
 @asynccontextmanager
 async def open_organism(organism: Organism, directory: Path, *, stop_timeout: float = 10.0
                         ) -> AsyncIterator[Pump]:
@@ -158,12 +175,12 @@ def create_app(organism: Organism, *, data: Path | None = None, token: str | Non
                 return
             # organism.yaml, its XSDs and handler modules are watched while it runs.
             unwatch = asyncio.Event()
-            watcher = asyncio.ensure_future(reload_watch(pump, stop=unwatch))
-            try:
-                yield
-            finally:
-                unwatch.set()
-                await watcher
+            async with asyncio.TaskGroup() as group:
+                group.create_task(_watch_files(pump, until=unwatch))
+                try:
+                    yield
+                finally:
+                    unwatch.set()
 
     limit = max_body if max_body is not None else organism.limits.max_bytes
     middleware = [

@@ -192,7 +192,7 @@ OPERATION_IDS: dict[str, str] = {
 
 _UNCOUNTED = ("/events",)  # not counted against organism.api.max_requests
 
-#: What the guards in front of every endpoint (``auth.py``) and the router may answer instead
+#: What the guards in front of every endpoint (``middleware/``) and the router may answer instead
 #: of it: status, response and the paths it applies to. An endpoint's own answer with the same
 #: status comes first.
 GUARDS: list[tuple[str, str, Callable[[str], bool]]] = [

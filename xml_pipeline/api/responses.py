@@ -1,7 +1,8 @@
-"""Response shapes shared by every endpoint: JSON bodies, errors, pagination.
+"""Response shapes shared by every endpoint: JSON bodies, errors, lists, times.
 
 Errors are ``{"error": {"code", "message", "details", "request_id"}}`` with the status that
-fits; lists are ``{"<items>": [...], "count", "total", "offset", "limit"}``.
+fits, from an endpoint (``error_response``) or from a middleware that answers before it
+(``send_error``); lists are ``{"<items>": [...], "count", "total", "offset", "limit"}``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from typing import Any
 import msgspec
 from starlette.requests import HTTPConnection
 from starlette.responses import Response
+from starlette.types import Scope, Send
 
+from xml_pipeline.envelope import format_timestamp
 from xml_pipeline.errors import XmlPipelineError
 
 __all__ = [
@@ -21,8 +24,9 @@ __all__ = [
     "STATUS_BY_CODE",
     "error_response",
     "listing",
-    "page",
+    "send_error",
     "status_for",
+    "timestamp",
 ]
 
 _encoder = msgspec.json.Encoder()
@@ -112,31 +116,22 @@ def error_response(conn: HTTPConnection, error: ApiError) -> JSONResponse:
     return JSONResponse(body, status_code=error.status, headers=error.headers)
 
 
-def _int(conn: HTTPConnection, name: str, default: int, low: int, high: int) -> int:
-    raw = conn.query_params.get(name)
-    if raw is None:
-        return default
-    try:
-        # ASCII digits only: int() would also take " 5", "5_0" and "\u0665".
-        value = int(raw) if raw.isascii() and raw.isdigit() else low - 1
-    except ValueError:  # more digits than int() converts
-        value = low - 1
-    if not low <= value <= high:
-        raise ApiError("invalid_request",
-                       f"The query parameter {name!r} must be a whole number from {low} to "
-                       f"{high}, not {raw!r}.", details={"parameter": name})
-    return value
+async def send_error(scope: Scope, send: Send, status: int, code: str, message: str,
+                     extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
+    """Answer ``status`` with the error body, straight over ASGI: for the middleware, which
+    answers before there is a request or an application to raise ``ApiError`` in."""
+    request_id = scope.get("state", {}).get("request_id")
+    body = _encoder.encode({"error": {"code": code, "message": message, "details": None,
+                                      "request_id": request_id}})
+    headers = [(b"content-type", b"application/json"),
+               (b"content-length", str(len(body)).encode()), *extra]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
-def page(conn: HTTPConnection, *, default_limit: int = 50, max_limit: int = 1000
-         ) -> tuple[int, int]:
-    """``(limit, offset)`` from the query string, checked."""
-    return (_int(conn, "limit", default_limit, 1, max_limit),
-            _int(conn, "offset", 0, 0, 1 << 62))
-
-
-def integer(conn: HTTPConnection, name: str, default: int) -> int:
-    return _int(conn, name, default, 0, 1 << 62)
+def timestamp(seconds: float | None) -> str | None:
+    """A time in a response: RFC 3339 (``format_timestamp``), or None for none."""
+    return None if seconds is None else format_timestamp(seconds)
 
 
 def listing(name: str, items: Sequence[Any], *, total: int, limit: int, offset: int

@@ -19,7 +19,6 @@ import logging
 import signal
 import socket
 from collections.abc import Coroutine
-from contextlib import suppress
 from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
@@ -203,12 +202,11 @@ async def serve(organism: Organism, *, host: str, port: int, data: Path | None =
                 logging.getLogger("xml_pipeline.api").info("stop requested over the API")
                 server.should_exit = True
 
-            watcher = asyncio.ensure_future(watch_stop())
-            try:
-                await server.serve(sockets=[sock])
-            finally:
-                watcher.cancel()
-                with suppress(asyncio.CancelledError):
-                    await watcher
+            async with asyncio.TaskGroup() as group:
+                watcher = group.create_task(watch_stop())
+                try:
+                    await server.serve(sockets=[sock])
+                finally:
+                    watcher.cancel()
     finally:
         sock.close()

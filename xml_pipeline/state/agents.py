@@ -38,7 +38,7 @@ from xml_pipeline.events import (
     ReloadRejected,
 )
 
-__all__ = ["AgentInfo", "Agents", "evolve"]
+__all__ = ["AgentInfo", "Agents", "evolve", "pause", "resume"]
 
 
 class AgentInfo(msgspec.Struct, kw_only=True):
@@ -198,3 +198,23 @@ def _(event: MessageDeadLettered, state: Agents, position: int) -> Agents:
     if info is not None:
         info.dead_lettered += 1
     return state
+
+
+# ------------------------------------------------------------------ decisions
+
+
+def pause(state: Agents, agent: str, *, at: float, by: str, reason: str = ""
+          ) -> AgentPaused | None:
+    """The event that pauses ``agent``, or None if it is paused already."""
+    info = state.agents.get(agent)
+    if info is not None and info.status == "paused":
+        return None
+    return AgentPaused(at=at, agent=agent, by=by, reason=reason)
+
+
+def resume(state: Agents, agent: str, *, at: float, by: str) -> AgentResumed | None:
+    """The event that resumes ``agent``, or None if it is not paused."""
+    info = state.agents.get(agent)
+    if info is None or info.status != "paused":
+        return None
+    return AgentResumed(at=at, agent=agent, by=by)

@@ -39,7 +39,9 @@ from xml_pipeline.events import (
     ThreadKilled,
 )
 
-__all__ = ["FINAL", "KEEP_ENDED", "KEEP_KEYS", "MessageInfo", "ThreadInfo", "Threads", "evolve"]
+__all__ = [
+    "FINAL", "KEEP_ENDED", "KEEP_KEYS", "MessageInfo", "ThreadInfo", "Threads", "evolve", "kill",
+]
 
 #: Defaults of ``organism.retention`` (for logs whose organism events do not say).
 KEEP_ENDED = 10_000
@@ -345,3 +347,16 @@ def _(event: BudgetRaised, state: Threads, position: int) -> Threads:
             if thread.status == "paused" and thread_id not in held:
                 thread.status = "active"
     return state
+
+
+# ------------------------------------------------------------------ decisions
+
+
+def kill(state: Threads, thread_id: str, *, at: float, by: str, reason: str = ""
+         ) -> ThreadKilled | None:
+    """The event that kills ``thread_id``, or None if it was killed already. Raises
+    ``KeyError`` for a thread the state does not know."""
+    thread = state.threads[thread_id]
+    if thread.status == "killed":
+        return None
+    return ThreadKilled(at=at, thread_id=thread_id, by=by, reason=reason)

@@ -23,10 +23,9 @@ import msgspec
 from xml_pipeline.envelope import format_timestamp
 from xml_pipeline.errors import LogError, OrganismError, XmlPipelineError
 from xml_pipeline.events import CATALOGUE, Event, Recorded
-from xml_pipeline.log.file import open_file_log
-from xml_pipeline.log.repair import repair_log
-from xml_pipeline.log.segments import verify_log
-from xml_pipeline.organism import Organism, load_organism
+from xml_pipeline.log import open_log
+from xml_pipeline.log.file import repair_log, verify_log
+from xml_pipeline.organism import LogConfig, Organism, load_organism
 from xml_pipeline.remote import (
     Style,
     UsageError,
@@ -37,7 +36,7 @@ from xml_pipeline.remote import (
     tail_command,
     usage_command,
 )
-from xml_pipeline.state import State, latest_snapshot, save_snapshot
+from xml_pipeline.state import State, restore
 
 __all__ = ["main"]
 
@@ -160,12 +159,12 @@ async def _replay(args: argparse.Namespace) -> int:
     if args.verify and not _verify(directory, args):
         return 1
     try:
-        log = await open_file_log(directory, readonly=True)
+        log = await open_log(LogConfig(path=directory), readonly=True)
     except LogError as exc:
         print(exc.message, file=sys.stderr)
         return 1
     try:
-        state = None if args.no_snapshot else latest_snapshot(directory)
+        state = None if args.no_snapshot else await restore(log)
         start = state.position if state else 0
         counts: Counter[str] = Counter()
         result_state = state or State()
@@ -178,7 +177,7 @@ async def _replay(args: argparse.Namespace) -> int:
         if show_progress:
             print("\r", end="", file=sys.stderr)
         if args.snapshot:
-            save_snapshot(directory, result_state)
+            await log.snapshots.save(result_state.position, result_state.encode())
     except LogError as exc:
         print(exc.message, file=sys.stderr)
         return 1
@@ -320,7 +319,7 @@ async def _tail(args: argparse.Namespace) -> int:
     directory.mkdir(parents=True, exist_ok=True)
     tail = _Tail(args, sys.stdout)
     try:
-        log = await open_file_log(directory, readonly=True)
+        log = await open_log(LogConfig(path=directory), readonly=True)
     except LogError as exc:
         print(exc.message, file=sys.stderr)
         return 1

@@ -622,6 +622,85 @@ async def test_an_unexpected_writer_error_fails_the_append_instead_of_hanging(
     assert verify_log(tmp_path).records == 1
 
 
+# ------------------------------------------------------------------ following from memory
+
+
+async def test_follow_serves_this_processs_appends_from_memory(tmp_path: Path) -> None:
+    events = [paused(n) for n in range(1, 301)]
+    async with await open_file_log(tmp_path, fsync="never") as log:
+        await log.append(events[:5])
+        followed: list[Recorded] = []
+
+        async def follower() -> None:
+            async for record in log.follow():
+                followed.append(record)
+                if record.position == len(events):
+                    return
+
+        async with asyncio.timeout(30), asyncio.TaskGroup() as tasks:
+            tasks.create_task(follower())
+            for first in range(5, len(events), 7):
+                await log.append(events[first:first + 7])
+        # In order, each the very event appended: nothing was read back from the disk.
+        assert [r.position for r in followed] == list(range(1, len(events) + 1))
+        assert all(r.event is e for r, e in zip(followed, events, strict=True))
+        # A log opened afterwards reads the same records from the segments.
+    async with await open_file_log(tmp_path, readonly=True) as reader:
+        assert await read_all(reader) == followed
+
+
+async def test_a_follower_behind_the_memory_window_reads_from_the_segments(
+        tmp_path: Path) -> None:
+    # More records than the window keeps, appended before the follower starts.
+    events = [paused(n) for n in range(1, 12_001)]
+    async with await open_file_log(tmp_path, fsync="never") as log:
+        for first in range(0, len(events), 500):
+            await log.append(events[first:first + 500])
+        followed: list[Recorded] = []
+        async with asyncio.timeout(30):
+            async for record in log.follow(after=10):
+                followed.append(record)
+                if record.position == len(events):
+                    break
+        assert [r.position for r in followed] == list(range(11, len(events) + 1))
+        assert [r.event for r in followed] == events[10:]
+        from_disk = [r for r, e in zip(followed, events[10:], strict=True) if r.event is not e]
+        assert from_disk and from_disk[0].position == 11  # the oldest came from the segments
+        assert followed[-1].event is events[-1]  # the newest from memory
+
+
+async def test_a_follower_never_sees_a_batch_that_failed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = os.fdatasync
+    broken = {"on": False}
+
+    def fdatasync(fd: int) -> None:
+        if broken["on"]:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    async with await open_file_log(tmp_path, fsync="always") as log:
+        followed: list[Recorded] = []
+
+        async def follower() -> None:
+            async for record in log.follow():
+                followed.append(record)
+                if record.position == 3:
+                    return
+
+        async with asyncio.timeout(30), asyncio.TaskGroup() as tasks:
+            tasks.create_task(follower())
+            await log.append([paused(1)])
+            broken["on"] = True
+            with pytest.raises(LogWriteError):
+                await log.append([paused(666), paused(667)])
+            broken["on"] = False
+            await log.append([paused(2), paused(3)])
+        assert followed == [Recorded(1, paused(1)), Recorded(2, paused(2)),
+                            Recorded(3, paused(3))]
+
+
 # ------------------------------------------------------------------ snapshots
 
 

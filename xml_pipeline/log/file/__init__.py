@@ -4,6 +4,7 @@
 - ``writer``: the thread that writes, fsyncs and rotates the segments;
 - ``segments``: the on-disk format of records (checksummed, hash-chained frames);
 - ``reader``: a cursor that reads complete records as they appear;
+- ``window``: the records this process appended lately, served to followers from memory;
 - ``places``: where the log knows records are, without reading;
 - ``integrity``: the check on every open, and the deep ``verify_log``;
 - ``anchors`` and ``snapshots``: snapshot files, and what each says about the history;

@@ -16,6 +16,9 @@ Guarantees:
   ``verify_log`` and by any read that reaches it.
 - A read-only log (another process tailing this one) sees records once they are written,
   which may be before the writer's fsync completes.
+- ``follow`` on the writing log yields only durable records, in order; those this process
+  appended lately come from memory (``window``, the very events appended), the rest from the
+  segments.
 - ``snapshots`` are files next to the segments (``snapshots``), checked on every open.
 - If a write or fsync fails, the records of that batch and every batch behind it fail with
   ``LogWriteError``; nothing is acknowledged that is not durable. The next append tries again
@@ -38,6 +41,7 @@ from xml_pipeline.log.file.places import Places
 from xml_pipeline.log.file.reader import LogReader
 from xml_pipeline.log.file.segments import GENESIS, make_frame
 from xml_pipeline.log.file.snapshots import FileSnapshots
+from xml_pipeline.log.file.window import Window
 from xml_pipeline.log.file.writer import Batch, Writer, fsync_directory
 from xml_pipeline.log.statistics import LogStatistics
 
@@ -66,6 +70,7 @@ class FileLog:
         self._changed = asyncio.Event()
         self._closed = False
         self._places = Places()
+        self._window = Window(first=1)
         self._snapshots = FileSnapshots(directory, self._places)
 
     # -- opening
@@ -122,6 +127,7 @@ class FileLog:
         self._next_position = end.position + 1
         self._previous_hash = end.chain_hash
         self._durable = end.position
+        self._window = Window(first=end.position + 1)
         self._writer = Writer(
             directory=self.directory, fsync=self.fsync, segment_bytes=self.segment_bytes,
             loop=asyncio.get_running_loop(), segment=end.segment, size=end.size,
@@ -193,7 +199,7 @@ class FileLog:
         self._next_position = position
         self._previous_hash = previous
         data = b"".join(frames)
-        writer.submit(Batch(data, len(frames), position - 1, previous, future, first,
+        writer.submit(Batch(events, data, len(frames), position - 1, previous, future, first,
                             len(data) - len(frames[-1])))
         return future
 
@@ -218,6 +224,7 @@ class FileLog:
             else:
                 batch.future.set_exception(error)
         if error is None:
+            self._window.add(batches)
             self._durable = batches[-1].last_position
             self._appended += sum(b.count for b in batches)
             self._changed.set()
@@ -240,23 +247,39 @@ class FileLog:
                 await asyncio.sleep(0)  # let the loop breathe during long replays
 
     async def follow(self, after: int = 0) -> AsyncIterator[Recorded]:
-        reader = LogReader(self.directory, after=after, start=self._places.start(after))
+        following = max(after, 0) + 1  # the position to yield next
+        reader: LogReader | None = None
         while True:
             changed = self._changed
-            limit = None if self.readonly else self._durable
             count = 0
-            for record in reader.read_available(limit=limit):
-                self._seen(record.position)
-                yield record
+            # What this process appended lately, from memory: the events it was given.
+            window = self._window
+            while following <= self._durable and (event := window.get(following)) is not None:
+                yield Recorded(following, event)
+                following += 1
                 count += 1
                 if count % 4096 == 0:
                     await asyncio.sleep(0)
-            if self._closed:
+            # The rest from the segments, up to where the window starts: a follower behind
+            # it, what preceded this process's appends, another process's records (read-only).
+            limit = None if self.readonly else min(self._durable, window.first - 1)
+            if limit is None or following <= limit:
+                if reader is None or reader.next_position != following:
+                    reader = LogReader(self.directory, after=following - 1,
+                                       start=self._places.start(following - 1))
+                for record in reader.read_available(limit=limit):
+                    self._seen(record.position)
+                    yield record
+                    count += 1
+                    if count % 4096 == 0:
+                        await asyncio.sleep(0)
+                following = reader.next_position
+            if self._closed and (count == 0 or following > self._durable):
                 return
             # Wait unless this pass made progress and durable records remain: another
             # process's appends are only seen by polling, and a pass that found nothing
             # must never spin without yielding to the loop.
-            if self.readonly or count == 0 or reader.next_position > self._durable:
+            if self.readonly or count == 0 or following > self._durable:
                 # asyncio.timeout, not wait_for: wait_for (3.11) can swallow a cancellation
                 # that lands in the same turn as the wake-up.
                 with suppress(TimeoutError):

@@ -13,24 +13,28 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+from collections.abc import Sequence
 from contextlib import suppress
 from pathlib import Path
 
 from xml_pipeline.errors import LogWriteError
+from xml_pipeline.events import Event
 from xml_pipeline.log.file.segments import segment_name
 
 __all__ = ["Batch", "Writer", "fsync_directory"]
 
 
 class Batch:
-    """One append: its frames, and where its last record went once written (``place``)."""
+    """One append: its events and their frames, and where its last record went once written
+    (``place``)."""
 
-    __slots__ = ("data", "count", "last_position", "last_hash", "last_offset", "future",
-                 "first_position", "place")
+    __slots__ = ("events", "data", "count", "last_position", "last_hash", "last_offset",
+                 "future", "first_position", "place")
 
-    def __init__(self, data: bytes, count: int, last_position: int, last_hash: bytes,
-                 future: asyncio.Future[list[int]], first_position: int,
+    def __init__(self, events: Sequence[Event], data: bytes, count: int, last_position: int,
+                 last_hash: bytes, future: asyncio.Future[list[int]], first_position: int,
                  last_offset: int = 0) -> None:
+        self.events = events
         self.data = data
         self.count = count
         self.last_position = last_position

@@ -56,8 +56,7 @@ from xml_pipeline.events import (
     MessageDelivered,
     OrganismStarted,
 )
-from xml_pipeline.log.file import open_file_log
-from xml_pipeline.log.segments import verify_log
+from xml_pipeline.log.file import open_file_log, verify_log
 from xml_pipeline.state import replay
 
 ITEM_XSD = """<?xml version="1.0"?>

@@ -39,7 +39,7 @@ import workload  # noqa: E402
 
 from xml_pipeline.events import Event, encode  # noqa: E402
 from xml_pipeline.log.file import open_file_log  # noqa: E402
-from xml_pipeline.log.segments import GENESIS, make_frame  # noqa: E402
+from xml_pipeline.log.file.segments import GENESIS, make_frame  # noqa: E402
 
 TARGET_BATCH_RATIO = 0.40
 

@@ -10,7 +10,7 @@ temporary directory, saves a snapshot of the state at position P (default N - N/
 990,000 of 1,000,000), then times, ``--repeat`` times each (medians reported):
 
 - product from zero: ``open_file_log(readonly=True)`` + ``replay(log)`` into a new ``State``;
-- product from the snapshot: open + ``latest_snapshot(dir, log=log)`` + ``replay(log, state=...)``;
+- product from the snapshot: open + ``restore(log)`` + ``replay(log, state=...)``;
 - RAW BASELINE from zero: read the same segment files and decode every frame with struct,
   zlib.crc32 and msgspec into the same event classes, no fold;
 - RAW BASELINE from the snapshot: read and decode the same snapshot file into ``State`` and
@@ -53,8 +53,8 @@ import workload  # noqa: E402
 
 from xml_pipeline.events import CATALOGUE  # noqa: E402
 from xml_pipeline.log.file import open_file_log  # noqa: E402
-from xml_pipeline.log.segments import HEADER, HEADER_SIZE, segments  # noqa: E402
-from xml_pipeline.state import State, latest_snapshot, replay, save_snapshot  # noqa: E402
+from xml_pipeline.log.file.segments import HEADER, HEADER_SIZE, segments  # noqa: E402
+from xml_pipeline.state import State, replay, restore  # noqa: E402
 
 T = TypeVar("T")
 TARGET_FROM_ZERO = 5.0  # seconds for 1,000,000 events
@@ -138,10 +138,10 @@ async def product_from_snapshot(directory: Path) -> tuple[State, int]:
     # As the pump does it: open the log, then load the snapshot, which tells the log where
     # the snapshot's record is so that the replay of the rest starts there.
     log = await open_file_log(directory, readonly=True)
-    state = latest_snapshot(directory, log=log)
+    state = await restore(log)
     if state is None:
         await log.aclose()
-        raise SystemExit("the snapshot was not accepted by latest_snapshot()")
+        raise SystemExit("the snapshot was not accepted by restore()")
     start = state.position
     try:
         return await replay(log, state=state), start
@@ -184,6 +184,21 @@ async def write_log(directory: Path, count: int, snapshot_at: int) -> tuple[floa
     finally:
         await log.aclose()
     return time.perf_counter() - started, state
+
+
+async def save_snapshot(directory: Path, state: State) -> tuple[float, Path]:
+    """Have the log keep ``state`` as a snapshot (encode it, then ``log.snapshots.save``):
+    the seconds that took, and the snapshot's file."""
+    log = await open_file_log(directory, readonly=True)
+    try:
+        started = time.perf_counter()
+        saved = await log.snapshots.save(state.position, state.encode())
+        seconds = time.perf_counter() - started
+    finally:
+        await log.aclose()
+    if not saved:
+        raise SystemExit("the log refused the snapshot")
+    return seconds, directory / "snapshots" / f"{state.position:020d}.snapshot"
 
 
 def evict(directory: Path) -> None:
@@ -282,9 +297,7 @@ async def main() -> None:
         size = sum(path.stat().st_size for _, path in listing)
         print(f"wrote {count:,} events ({size / 1e6:,.0f} MB in {len(listing)} segments) "
               f"in {seconds:.1f} s with fsync=never, {WRITE_BATCH:,}-event appends")
-        save_seconds, path = _timed(save_snapshot, directory, snap_state)
-        if path is None:
-            raise SystemExit("save_snapshot refused the state")
+        save_seconds, path = await save_snapshot(directory, snap_state)
         print(f"snapshot at position {snapshot_at:,}: {path.stat().st_size / 1e6:,.1f} MB, "
               f"saved in {save_seconds:.2f} s ({len(snap_state.threads.messages):,} messages, "
               f"{len(snap_state.threads.threads):,} threads in the state)")
@@ -357,7 +370,7 @@ async def main() -> None:
               f"{_verdict(med['zero'], TARGET_FROM_ZERO, count)}")
         print(f"\nfrom the snapshot at {snapshot_at:,} ({tail:,} events after it):")
         row("raw: decode snapshot file + raw-decode tail", "raws", tail)
-        row("product: latest_snapshot + open + replay", "snap", tail)
+        row("product: open + restore + replay", "snap", tail)
         print(f"  ratio product/raw = {med['snap'] / med['raws']:.2f} (time)   "
               f"{_verdict(med['snap'], TARGET_FROM_SNAPSHOT, count)}")
         print(f"  state from the snapshot equals the state from zero: {same}")
@@ -366,7 +379,7 @@ async def main() -> None:
         print("\nfrom the snapshot in a fresh process each time (a restart; imports excluded):")
         for label, side, median in (("raw: decode snapshot file + raw-decode tail", "raw",
                                      raw_fresh),
-                                    ("product: latest_snapshot + open + replay", "product",
+                                    ("product: open + restore + replay", "product",
                                      product_fresh)):
             values = [r["seconds"] for r in fresh[side]]
             rss = max(r["maxrss_mb"] for r in fresh[side])

@@ -30,7 +30,7 @@ from xml_pipeline.events import (
     TokensUsed,
 )
 from xml_pipeline.log.file import open_file_log
-from xml_pipeline.log.segments import HEADER, HEADER_SIZE, locate_record
+from xml_pipeline.log.file.segments import HEADER, HEADER_SIZE, locate_record
 from xml_pipeline.state import project
 
 SCRIPT = Path(sys.executable).parent / "xml-pipeline"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from xml_pipeline.events import OrganismStarted
 from xml_pipeline.log.file import open_file_log
-from xml_pipeline.log.segments import segments
+from xml_pipeline.log.file.segments import segments
 
 ROOT = Path(__file__).resolve().parent.parent
 

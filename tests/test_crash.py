@@ -22,8 +22,8 @@ import textwrap
 from pathlib import Path
 
 from xml_pipeline.events import AgentPaused, Recorded
-from xml_pipeline.log.file import open_file_log
-from xml_pipeline.log.segments import HEADER, locate_record, segments, verify_log
+from xml_pipeline.log.file import open_file_log, verify_log
+from xml_pipeline.log.file.segments import HEADER, locate_record, segments
 
 ROUNDS = 24
 SEGMENT_BYTES = 8192  # small, so that kills also land around segment rotation

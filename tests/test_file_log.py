@@ -28,10 +28,11 @@ from xml_pipeline.errors import (
     LogWriteError,
 )
 from xml_pipeline.events import AgentPaused, Recorded, ReloadRejected
-from xml_pipeline.log.file import FileLog, open_file_log
-from xml_pipeline.log.repair import repair_log
-from xml_pipeline.log.segments import HEADER, HEADER_SIZE, locate_record, segments, verify_log
-from xml_pipeline.state import latest_snapshot, project, save_snapshot
+from xml_pipeline.log.file import FileLog, open_file_log, repair_log, verify_log
+from xml_pipeline.log.file.places import Places
+from xml_pipeline.log.file.segments import HEADER, HEADER_SIZE, locate_record, segments
+from xml_pipeline.log.file.snapshots import FileSnapshots
+from xml_pipeline.state import State, project, restore
 
 POLICIES = ["always", "batch", "never"]
 
@@ -621,7 +622,90 @@ async def test_an_unexpected_writer_error_fails_the_append_instead_of_hanging(
     assert verify_log(tmp_path).records == 1
 
 
+# ------------------------------------------------------------------ following from memory
+
+
+async def test_follow_serves_this_processs_appends_from_memory(tmp_path: Path) -> None:
+    events = [paused(n) for n in range(1, 301)]
+    async with await open_file_log(tmp_path, fsync="never") as log:
+        await log.append(events[:5])
+        followed: list[Recorded] = []
+
+        async def follower() -> None:
+            async for record in log.follow():
+                followed.append(record)
+                if record.position == len(events):
+                    return
+
+        async with asyncio.timeout(30), asyncio.TaskGroup() as tasks:
+            tasks.create_task(follower())
+            for first in range(5, len(events), 7):
+                await log.append(events[first:first + 7])
+        # In order, each the very event appended: nothing was read back from the disk.
+        assert [r.position for r in followed] == list(range(1, len(events) + 1))
+        assert all(r.event is e for r, e in zip(followed, events, strict=True))
+        # A log opened afterwards reads the same records from the segments.
+    async with await open_file_log(tmp_path, readonly=True) as reader:
+        assert await read_all(reader) == followed
+
+
+async def test_a_follower_behind_the_memory_window_reads_from_the_segments(
+        tmp_path: Path) -> None:
+    # More records than the window keeps, appended before the follower starts.
+    events = [paused(n) for n in range(1, 12_001)]
+    async with await open_file_log(tmp_path, fsync="never") as log:
+        for first in range(0, len(events), 500):
+            await log.append(events[first:first + 500])
+        followed: list[Recorded] = []
+        async with asyncio.timeout(30):
+            async for record in log.follow(after=10):
+                followed.append(record)
+                if record.position == len(events):
+                    break
+        assert [r.position for r in followed] == list(range(11, len(events) + 1))
+        assert [r.event for r in followed] == events[10:]
+        from_disk = [r for r, e in zip(followed, events[10:], strict=True) if r.event is not e]
+        assert from_disk and from_disk[0].position == 11  # the oldest came from the segments
+        assert followed[-1].event is events[-1]  # the newest from memory
+
+
+async def test_a_follower_never_sees_a_batch_that_failed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = os.fdatasync
+    broken = {"on": False}
+
+    def fdatasync(fd: int) -> None:
+        if broken["on"]:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    async with await open_file_log(tmp_path, fsync="always") as log:
+        followed: list[Recorded] = []
+
+        async def follower() -> None:
+            async for record in log.follow():
+                followed.append(record)
+                if record.position == 3:
+                    return
+
+        async with asyncio.timeout(30), asyncio.TaskGroup() as tasks:
+            tasks.create_task(follower())
+            await log.append([paused(1)])
+            broken["on"] = True
+            with pytest.raises(LogWriteError):
+                await log.append([paused(666), paused(667)])
+            broken["on"] = False
+            await log.append([paused(2), paused(3)])
+        assert followed == [Recorded(1, paused(1)), Recorded(2, paused(2)),
+                            Recorded(3, paused(3))]
+
+
 # ------------------------------------------------------------------ snapshots
+
+
+async def save(log: FileLog, state: State) -> bool:
+    return await log.snapshots.save(state.position, state.encode())
 
 
 async def test_a_log_that_lost_a_snapshots_record_is_refused_until_repaired(
@@ -631,16 +715,16 @@ async def test_a_log_that_lost_a_snapshots_record_is_refused_until_repaired(
     async with await open_file_log(tmp_path) as log:
         await log.append(events)
         state = project(await read_all(log))
-    assert state.position == 10
-    assert save_snapshot(tmp_path, state) is not None
-    found = latest_snapshot(tmp_path)
-    assert found is not None and found.digest() == state.digest()
+        assert state.position == 10
+        assert await save(log, state)
+        found = await restore(log)
+        assert found is not None and found.digest() == state.digest()
 
     # The log is restored from an older copy: record 10 is gone. The snapshot is not used,
     # and since it shows that record 10 was there, the log is refused: it lost a record.
     path, offset, _ = frame_of(tmp_path, 10)
     os.truncate(path, offset)
-    assert latest_snapshot(tmp_path) is None
+    assert await FileSnapshots(tmp_path, Places()).latest() is None
     before = disk(tmp_path)
     for readonly in (False, True):
         with pytest.raises(LogDamagedError) as caught:
@@ -659,15 +743,53 @@ async def test_a_log_that_lost_a_snapshots_record_is_refused_until_repaired(
                                     "damaged-1/snapshots/00000000000000000010.snapshot",)
     async with await open_file_log(tmp_path) as log:
         replayed = project(await read_all(log))
-    assert latest_snapshot(tmp_path) is None
-    assert replayed.digest() != state.digest()
+        assert await log.snapshots.latest() is None
+        assert replayed.digest() != state.digest()
 
-    # A snapshot of the log as it is now is used again, and an older one still matches.
-    assert save_snapshot(tmp_path, replayed) is not None
-    found = latest_snapshot(tmp_path)
-    assert found is not None and found.digest() == replayed.digest()
-    assert save_snapshot(tmp_path, project((await _records(tmp_path))[:9])) is not None
-    assert latest_snapshot(tmp_path, upto=9) is not None
+        # A snapshot of the log as it is now is used again, and an older one still matches.
+        assert await save(log, replayed)
+        found = await restore(log)
+        assert found is not None and found.digest() == replayed.digest()
+        assert await save(log, project((await read_all(log))[:9]))
+        assert await restore(log, upto=9) is not None
+
+
+async def test_a_snapshot_finds_its_record_from_the_nearest_known_place(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import xml_pipeline.log.file.snapshots as snapshots_module
+
+    starts: list[tuple[str, int] | None] = []
+
+    def counting(directory: Path, position: int, *, start: tuple[str, int] | None = None
+                 ) -> tuple[str, int, bytes] | None:
+        starts.append(start)
+        return locate_record(directory, position, start=start)
+
+    monkeypatch.setattr(snapshots_module, "locate_record", counting)
+    async with await open_file_log(tmp_path, segment_bytes=4096) as log:
+        for first in range(1, 200, 10):
+            await log.append([paused(n) for n in range(first, first + 10)])
+        assert len(segments(tmp_path)) > 1
+        state = project(await read_all(log))
+        # The end of a batch: the log knows where it is.
+        assert await log.snapshots.save(200, state.encode())
+        assert starts == []
+        # Inside a batch: read from the end of the batch before it, not from the segment's
+        # start; the snapshot is the one a full scan gives.
+        for position in (195, 191, 11, 1):
+            assert await log.snapshots.save(position, project((await read_all(log))[:position])
+                                            .encode())
+        ten, hundred_ninety = log.location(10), log.location(190)
+        assert ten is not None and hundred_ninety is not None
+        assert starts == [hundred_ninety[:2], hundred_ninety[:2], ten[:2], None]
+        # The newest two are kept: the two of the highest positions.
+        assert sorted(os.listdir(tmp_path / "snapshots")) == [
+            "00000000000000000195.snapshot", "00000000000000000200.snapshot"]
+        latest = await log.snapshots.latest(upto=199)
+        assert latest is not None and latest[0] == 195
+        # A record the log lacks: nothing is saved.
+        assert await log.snapshots.save(500, b"{}") is False
+        assert len(os.listdir(tmp_path / "snapshots")) == 2
 
 
 async def _records(directory: Path) -> list[Recorded]:

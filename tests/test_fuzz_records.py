@@ -67,8 +67,8 @@ from xml_pipeline.events import (
     decode,
     encode,
 )
-from xml_pipeline.log.file import open_file_log
-from xml_pipeline.log.segments import HEADER, HEADER_SIZE, make_frame, segments, verify_log
+from xml_pipeline.log.file import open_file_log, verify_log
+from xml_pipeline.log.file.segments import HEADER, HEADER_SIZE, make_frame, segments
 
 SETTINGS = settings(derandomize=True, database=None, deadline=None, print_blob=False,
                     max_examples=300,

@@ -18,7 +18,7 @@ LAYERS = [
     {"events"},
     {"log"},
     {"state"},
-    {"mailbox", "handlers", "ledger", "router", "delivery", "llm", "pump", "reload"},
+    {"mailbox", "handlers", "ledger", "router", "delivery", "llm", "snapshotter", "pump", "reload"},
     {"api", "cli", "__main__", "__init__"},
 ]
 

@@ -396,3 +396,59 @@ async def test_append_nowait_on_a_closed_log_raises_at_once(log: EventLog) -> No
     await log.aclose()
     with pytest.raises(LogClosedError):
         log.append_nowait([paused(1)])
+
+
+# ------------------------------------------------------------------ snapshots and probe
+
+
+async def test_a_new_log_has_no_snapshot(log: EventLog) -> None:
+    assert await log.snapshots.latest() is None
+    await log.append([paused(1)])
+    assert await log.snapshots.latest() is None
+
+
+async def test_a_saved_snapshot_comes_back_as_it_was_saved(log: EventLog) -> None:
+    await log.append([paused(n) for n in range(1, 6)])
+    state = b'{"position":5,"anything":["the state layer\'s business"]}'
+    assert await log.snapshots.save(5, state) is True
+    assert await log.snapshots.latest() == (5, state)
+    # The newest wins, whatever the order of saving.
+    await log.append([paused(n) for n in range(6, 9)])
+    assert await log.snapshots.save(8, b'{"at":8}') is True
+    assert await log.snapshots.latest() == (8, b'{"at":8}')
+
+
+async def test_latest_upto_passes_over_newer_snapshots(log: EventLog) -> None:
+    await log.append([paused(n) for n in range(1, 11)])
+    assert await log.snapshots.save(4, b'{"at":4}')
+    assert await log.snapshots.save(9, b'{"at":9}')
+    assert await log.snapshots.latest(upto=10) == (9, b'{"at":9}')
+    assert await log.snapshots.latest(upto=9) == (9, b'{"at":9}')
+    assert await log.snapshots.latest(upto=8) == (4, b'{"at":4}')
+    assert await log.snapshots.latest(upto=3) is None
+
+
+async def test_a_snapshot_of_a_record_the_log_lacks_is_not_saved(log: EventLog) -> None:
+    assert await log.snapshots.save(1, b"{}") is False
+    await log.append([paused(1), paused(2)])
+    assert await log.snapshots.save(3, b"{}") is False
+    assert await log.snapshots.save(0, b"{}") is False
+    assert await log.snapshots.latest() is None
+    assert await log.snapshots.save(2, b"{}") is True
+    assert await log.snapshots.latest() == (2, b"{}")
+
+
+async def test_snapshots_outlive_closing_and_opening_again(harness: Harness) -> None:
+    log = await harness.open()
+    await log.append([paused(n) for n in range(1, 4)])
+    assert await log.snapshots.save(3, b'{"at":3}')
+    log = await harness.reopen(log)
+    assert await log.snapshots.latest() == (3, b'{"at":3}')
+
+
+async def test_probe_returns_while_the_log_can_be_written(log: EventLog) -> None:
+    await log.probe()
+    await log.append([paused(1)])
+    await log.probe()
+    assert await log.append([paused(2)]) == [2]
+    assert [r.position for r in await read_all(log)] == [1, 2]

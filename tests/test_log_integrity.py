@@ -24,9 +24,9 @@ from tests.test_file_log import build, disk, flip, frame_of, frames, paused, pok
 from xml_pipeline import errors, events
 from xml_pipeline.cli import main
 from xml_pipeline.events import Recorded
-from xml_pipeline.log.file import open_file_log
-from xml_pipeline.log.segments import segments, verify_log
-from xml_pipeline.state import project, save_snapshot
+from xml_pipeline.log.file import open_file_log, verify_log
+from xml_pipeline.log.file.segments import segments
+from xml_pipeline.state import project
 
 SEGMENT = 600  # bytes: 60 records make a dozen segments
 RECORDS = 60
@@ -68,10 +68,11 @@ def make_log(directory: Path, *, snapshot: bool = True, tag: str = "t") -> None:
         async with await open_file_log(directory, segment_bytes=SEGMENT) as log:
             for first in range(1, RECORDS + 1, 3):
                 await log.append([paused(n, tag) for n in range(first, first + 3)])
+            if snapshot:
+                state = project([record async for record in log.read()])
+                assert await log.snapshots.save(state.position, state.encode())
 
     asyncio.run(write())
-    if snapshot:
-        assert save_snapshot(directory, project(records(directory))) is not None
 
 
 def refused_everywhere(directory: Path, capsys: pytest.CaptureFixture[str]

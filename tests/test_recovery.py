@@ -19,8 +19,7 @@ import httpx
 
 from tests.conftest import write_organism
 from xml_pipeline.events import HandlerSucceeded, MessageAccepted
-from xml_pipeline.log.file import open_file_log
-from xml_pipeline.log.segments import verify_log
+from xml_pipeline.log.file import open_file_log, verify_log
 from xml_pipeline.state import replay
 
 ITEM_XSD = """<?xml version="1.0"?>

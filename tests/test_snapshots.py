@@ -1,6 +1,7 @@
-"""Periodic snapshots: a running pump on a file log saves one every ``snapshot_every`` records,
+"""Periodic snapshots: a running pump has its log keep one every ``snapshot_every`` records,
 so that a start after a crash replays only what follows it. A snapshot plus the rest of the
-log equals a replay from zero; a snapshot that cannot be written changes nothing else."""
+log equals a replay from zero; a snapshot that cannot be written changes nothing else. Most
+run on the file log, whose snapshots are files; one runs the same on the memory log."""
 
 from __future__ import annotations
 
@@ -17,12 +18,14 @@ import pytest
 from tests import handlers
 from tests.conftest import ROOT, write_organism
 from tests.test_pump import ITEM_XSD, ORGANISM, item
-from xml_pipeline import pump as pump_module
 from xml_pipeline.config import load_organism
 from xml_pipeline.events import Event, OrganismStopped
+from xml_pipeline.log import EventLog
 from xml_pipeline.log.file import FileLog, open_file_log
+from xml_pipeline.log.file.snapshots import FileSnapshots
+from xml_pipeline.log.memory import MemoryLog
 from xml_pipeline.pump import Pump, open_pump
-from xml_pipeline.state import latest_snapshot, replay, write_snapshot
+from xml_pipeline.state import State, replay, restore
 
 EVERY = 50
 MESSAGES = 40  # three hops each: several hundred records, several snapshots
@@ -75,6 +78,12 @@ async def inject_conversations(pump: Pump, count: int, *, first: int = 0) -> Non
     await pump.wait_idle()
 
 
+async def latest(log: EventLog) -> State:
+    snapshot = await restore(log)
+    assert snapshot is not None
+    return snapshot
+
+
 async def test_a_running_pump_saves_snapshots_that_resume_to_the_same_state(
         organism_path: Path, log: FileLog) -> None:
     async with open_pump(load_organism(organism_path), log, snapshot_every=EVERY) as pump:
@@ -84,14 +93,30 @@ async def test_a_running_pump_saves_snapshots_that_resume_to_the_same_state(
         await wait_until(pump, lambda: not pump.snapshotting)
         files = snapshot_files(log)
         assert 1 <= len(files) <= 2
-        snapshot = latest_snapshot(log.directory)
-        assert snapshot is not None
+        snapshot = await latest(log)
         assert EVERY <= snapshot.position <= pump.state.position
         assert f"{snapshot.position:020d}.snapshot" == files[-1].name
         resumed = await replay(log, state=snapshot)
         from_zero = await replay(log)
         assert resumed.position == from_zero.position == pump.state.position
         assert resumed.digest() == from_zero.digest() == pump.state.digest()
+
+
+async def test_the_memory_log_keeps_the_pumps_snapshots_and_a_restart_uses_them(
+        organism_path: Path) -> None:
+    log = MemoryLog()
+    organism = load_organism(organism_path)
+    async with open_pump(organism, log, snapshot_every=EVERY) as pump:
+        await inject_conversations(pump, MESSAGES)
+        await wait_until(pump, lambda: not pump.snapshotting)
+        periodic = await latest(log)
+        assert EVERY <= periodic.position <= pump.state.position
+    final = await latest(log)
+    assert final.position == log.last_position
+    async with open_pump(organism, log, snapshot_every=EVERY) as pump:
+        assert pump.replayed_from == final.position
+        from_zero = await replay(log)
+        assert from_zero.digest() == pump.state.digest()
 
 
 async def test_no_periodic_snapshot_when_disabled(organism_path: Path, log: FileLog) -> None:
@@ -108,13 +133,15 @@ async def test_a_graceful_stop_waits_for_a_periodic_snapshot_then_saves_its_own(
     release = threading.Event()
     calls: list[tuple[str, int]] = []
 
-    def held_write(folder: Path, position: int, state: bytes, *,
-                   location: tuple[str, int, bytes] | None = None) -> Path | None:
+    real = FileSnapshots._write
+
+    def held_write(self: FileSnapshots, position: int, state: bytes,
+                   location: tuple[str, int, bytes]) -> None:
         calls.append(("start", position))
         if len(calls) == 1:  # the first periodic write stays in flight until the stop begins
             release.wait(BOUND)
         try:
-            return write_snapshot(folder, position, state, location=location)
+            real(self, position, state, location)
         finally:
             calls.append(("end", position))
 
@@ -122,7 +149,7 @@ async def test_a_graceful_stop_waits_for_a_periodic_snapshot_then_saves_its_own(
         if isinstance(event, OrganismStopped):
             release.set()
 
-    monkeypatch.setattr(pump_module, "write_snapshot", held_write)
+    monkeypatch.setattr(FileSnapshots, "_write", held_write)
     async with open_pump(load_organism(organism_path), log, snapshot_every=EVERY) as pump:
         pump.observe(on_event)
         await inject_conversations(pump, 10)
@@ -130,8 +157,7 @@ async def test_a_graceful_stop_waits_for_a_periodic_snapshot_then_saves_its_own(
     periodic, final = calls[0][1], log.last_position
     assert EVERY <= periodic < final
     assert calls == [("start", periodic), ("end", periodic), ("start", final), ("end", final)]
-    snapshot = latest_snapshot(log.directory)
-    assert snapshot is not None and snapshot.position == final
+    assert (await latest(log)).position == final
 
 
 async def test_a_snapshot_that_cannot_be_written_changes_nothing_else(
@@ -140,7 +166,7 @@ async def test_a_snapshot_that_cannot_be_written_changes_nothing_else(
     caplog.set_level(logging.WARNING, logger="xml_pipeline.pump")
 
     def warned() -> bool:
-        return any(r.getMessage().startswith("could not save a snapshot in ")
+        return any(r.getMessage().startswith("could not save a snapshot of position ")
                    for r in caplog.records)
 
     async with open_pump(load_organism(organism_path), log, snapshot_every=EVERY) as pump:
@@ -162,7 +188,7 @@ async def test_a_snapshot_that_cannot_be_written_changes_nothing_else(
         replayed = await replay(log)
         assert replayed.digest() == pump.state.digest()
     assert (log.directory / "snapshots").is_file()
-    assert latest_snapshot(log.directory) is None
+    assert await log.snapshots.latest() is None
 
 
 async def test_a_restart_after_sigkill_resumes_from_the_periodic_snapshot(
@@ -181,11 +207,11 @@ async def test_a_restart_after_sigkill_resumes_from_the_periodic_snapshot(
     finally:
         child.kill()  # no graceful stop: no OrganismStopped, no final snapshot
         await child.wait()
-    snapshot = latest_snapshot(data)
-    assert snapshot is not None and snapshot.position >= EVERY
 
     log = await open_file_log(data)
     try:
+        snapshot = await latest(log)
+        assert snapshot.position >= EVERY
         records = [r async for r in log.read()]
         assert not isinstance(records[-1].event, OrganismStopped)
         assert snapshot.position <= records[-1].position
@@ -229,23 +255,23 @@ async def test_a_reload_changes_how_often_snapshots_are_taken(
         assert snapshot_files(log) == before
 
 
-async def test_periodic_snapshots_never_read_the_log_to_find_their_record(
+async def test_periodic_snapshots_never_scan_a_segment_to_find_their_record(
         organism_path: Path, log: FileLog, monkeypatch: pytest.MonkeyPatch) -> None:
-    import xml_pipeline.state as state_module
+    import xml_pipeline.log.file.snapshots as snapshots_module
 
-    reads: list[int] = []
-    real = state_module.locate_record
+    scans: list[int] = []
+    real = snapshots_module.locate_record
 
-    def counting(directory: Path, position: int) -> tuple[str, int, bytes] | None:
-        reads.append(position)
-        return real(directory, position)
+    def counting(directory: Path, position: int, *, start: tuple[str, int] | None = None
+                 ) -> tuple[str, int, bytes] | None:
+        if start is None:
+            scans.append(position)
+        return real(directory, position, start=start)
 
-    monkeypatch.setattr(state_module, "locate_record", counting)
+    monkeypatch.setattr(snapshots_module, "locate_record", counting)
     async with open_pump(load_organism(organism_path), log, snapshot_every=EVERY) as pump:
         await inject_conversations(pump, MESSAGES)
         await pump.wait_until(lambda: len(snapshot_files(log)) >= 2)
-        # Each was taken at the end of a write batch, whose place the log remembered.
-        assert reads == []
-        snapshot = latest_snapshot(log.directory)
-        assert snapshot is not None
-        assert log.location(snapshot.position) is not None
+        # Each found its record where the log knew it was, or read on from the end of the
+        # write batch before it: never a segment from its start.
+        assert scans == []

@@ -11,10 +11,9 @@ same ``State.apply`` a replay uses.
 accept nothing new, let in-flight handlers finish within ``stop_timeout``, record
 ``OrganismStopped``, save a snapshot.
 
-On a file log the pump also saves a snapshot every ``snapshot_every`` records while it runs, so
-that a start after a crash replays only the records after it. The state is encoded on the loop,
-between two events; the file is written in a worker thread, one snapshot at a time. A snapshot
-that cannot be written is logged and changes nothing else: snapshots are an optimisation only.
+The pump also has its log keep a snapshot every ``snapshot_every`` records while it runs
+(``snapshotter``), so that a start after a crash replays only the records after it, and it
+starts from the newest one.
 """
 
 from __future__ import annotations
@@ -23,11 +22,8 @@ import asyncio
 import logging
 import os
 import socket
-import sys
-import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 from xml_pipeline.config import Listener, Organism
@@ -63,10 +59,10 @@ from xml_pipeline.ids import IdFactory
 from xml_pipeline.ledger import Ledger
 from xml_pipeline.llm import AgentRuntime
 from xml_pipeline.log import EventLog
-from xml_pipeline.log.file import FileLog
 from xml_pipeline.mailbox import Delivery, Mailbox
 from xml_pipeline.router import Accepted, Router
-from xml_pipeline.state import State, latest_snapshot, replay, write_snapshot
+from xml_pipeline.snapshotter import Snapshotter
+from xml_pipeline.state import State, replay, restore
 from xml_pipeline.state.budgets import raised as budget_raised
 from xml_pipeline.state.threads import FINAL
 from xml_pipeline.types import Clock, system_clock
@@ -77,8 +73,6 @@ __all__ = ["Accepted", "Pump", "open_pump"]
 _log = logging.getLogger("xml_pipeline.pump")
 
 SNAPSHOT_EVERY = 100_000
-_NEVER = sys.maxsize
-_Location = tuple[str, int, bytes]  # a record's segment, offset and chain hash
 
 
 class Pump:
@@ -87,9 +81,6 @@ class Pump:
     def __init__(self, *, organism: Organism, log: EventLog, clock: Clock,
                  mailbox_capacity: int, stop_timeout: float,
                  snapshot_every: int | None = SNAPSHOT_EVERY) -> None:
-        if snapshot_every is not None and snapshot_every < 0:
-            raise ValueError(f"snapshot_every must be a number of records (0 or None for no "
-                             f"periodic snapshots), not {snapshot_every!r}.")
         self.organism = organism
         self.log = log
         self._clock = clock
@@ -106,10 +97,7 @@ class Pump:
         self._group: asyncio.TaskGroup | None = None
         #: the position of the snapshot the last start replayed from (0: the whole log)
         self.replayed_from = 0
-        self._snapshot_every = snapshot_every or 0
-        self._snapshot_due = _NEVER  # the position whose fold starts the next snapshot
-        self._snapshot_task: asyncio.Task[None] | None = None
-        self._snapshot_lock = threading.Lock()
+        self._snapshotter = Snapshotter(ledger=self._ledger, every=snapshot_every or 0)
         killed: set[str] = set()  # message ids whose handler a thread kill cancelled
         self._router = Router(ledger=self._ledger, clock=clock, organism=lambda: self.organism,
                               mailboxes=self._mailboxes, killed=killed)
@@ -229,8 +217,8 @@ class Pump:
         return event
 
     def _on_event(self, position: int, event: Event) -> None:
-        if position >= self._snapshot_due:
-            self._snapshot_nowait()
+        if position >= self._snapshotter.due:
+            self._snapshotter.save_nowait(self._group)
         if isinstance(event, BudgetRaised):
             parked = self._deliverer.parked
             threads = ([event.key.partition("|")[0]] if event.scope in ("thread", "thread-agent")
@@ -256,86 +244,19 @@ class Pump:
     @property
     def snapshot_every(self) -> int:
         """Records between periodic snapshots (0: only at stop); a reload may change it."""
-        return self._snapshot_every
+        return self._snapshotter.every
 
     @snapshot_every.setter
     def snapshot_every(self, records: int) -> None:
-        self._snapshot_every = records
-        if self._snapshot_task is None and not self._stopping and self._snapshots():
-            self._snapshot_due = self._next_snapshot(self.state.position)
-
-    def _next_snapshot(self, after: int) -> int:
-        return after + self._snapshot_every if self._snapshot_every else _NEVER
-
-    def _snapshots(self) -> Path | None:
-        return self.log.directory if isinstance(self.log, FileLog) else None
-
-    def _snapshot_nowait(self) -> None:
-        """Start a periodic snapshot of the state as it is now: encoded here, on the loop,
-        between two events (the fold mutates the state), and written by ``_save_snapshot`` in a
-        worker thread. Does nothing while one is in flight, before the task group exists, or
-        once stopping; the next folded event tries again."""
-        folder, group = self._snapshots(), self._group
-        if folder is None or group is None or self._stopping or self._snapshot_task is not None:
-            return
-        position = self.state.position
-        if position > self.log.last_position:
-            return  # folds follow appends, so this is durable; never snapshot what is not
-        assert isinstance(self.log, FileLog)
-        # Wait for the end of a write batch: the log knows where that record is, and finding
-        # any other means reading its segment (up to 64 MiB of Python, a stall for the loop).
-        location = self.log.location(position)
-        if location is None and position < self._snapshot_due + self._snapshot_every:
-            return
-        write = self._write_snapshot(folder, position, self.state.encode(), location)
-        try:
-            self._snapshot_task = group.create_task(write, name="snapshot")
-        except RuntimeError:  # the task group is shutting down: no snapshot
-            write.close()
-            return
-        self._snapshot_due = _NEVER
-
-    async def _write_snapshot(self, folder: Path, position: int, state: bytes,
-                              location: _Location | None) -> None:
-        try:
-            await self._save_snapshot(folder, position, state, location)
-        finally:
-            self._snapshot_task = None
-            if not self._stopping:
-                self._snapshot_due = self._next_snapshot(position)
-            self._notify()
-
-    async def _save_snapshot(self, folder: Path, position: int, state: bytes,
-                             location: _Location | None) -> None:
-        """Write the encoded ``state`` (at ``position``) as a snapshot, in a worker thread.
-        Never raises but for cancellation: a failure is logged, since a snapshot only makes
-        the next start faster."""
-        try:
-            path = await asyncio.to_thread(self._write_snapshot_file, folder, position, state,
-                                           location)
-        except Exception as exc:  # any failure: it must not end the pump's task group
-            _log.warning("could not save a snapshot in %s: %s", folder, exc)
-            return
-        if path is None:
-            _log.warning("no snapshot saved: the log in %s does not hold record %d", folder,
-                         position)
-
-    def _write_snapshot_file(self, folder: Path, position: int, state: bytes,
-                             location: _Location | None) -> Path | None:
-        # In a worker thread. The lock keeps two writes apart even when a cancelled wait left
-        # one running.
-        with self._snapshot_lock:
-            return write_snapshot(folder, position, state, location=location)
+        self._snapshotter.every = records
 
     # ------------------------------------------------------------ start and recovery
 
     async def _replay(self) -> None:
-        folder = self._snapshots()
-        snapshot = None if folder is None else latest_snapshot(folder, log=self.log)
+        snapshot = await restore(self.log)
         self.replayed_from = 0 if snapshot is None else snapshot.position
         self._ledger.state = await replay(self.log, state=snapshot)
-        if folder is not None:
-            self._snapshot_due = self._next_snapshot(self.replayed_from)
+        self._snapshotter.start(after=self.replayed_from)
 
     async def _start(self) -> None:
         """Record the start and recover (once the ledger follows the log)."""
@@ -495,14 +416,14 @@ class Pump:
     @property
     def snapshotting(self) -> bool:
         """Whether a periodic snapshot is being written now."""
-        return self._snapshot_task is not None
+        return self._snapshotter.saving
 
     def mailbox(self, name: str) -> Mailbox:
         return self._mailboxes[name]
 
     async def _stop(self, reason: str) -> None:
         self._stopping = True
-        self._snapshot_due = _NEVER
+        self._snapshotter.stop()
         for mailbox in self._mailboxes.values():
             mailbox.pause()  # not recorded: queued messages stay pending and are redelivered
 
@@ -523,16 +444,9 @@ class Pump:
         except LogError as exc:
             _log.error("could not record OrganismStopped: %s", exc)
             return
-        folder = self._snapshots()
-        if folder is not None:
-            # A snapshot makes the next start fast. A periodic one still being written finishes
-            # first; this one, of the final state, supersedes it.
-            if self._snapshot_task is not None:
-                await asyncio.wait([self._snapshot_task])
-            position = self.state.position
-            assert isinstance(self.log, FileLog)
-            await self._save_snapshot(folder, position, self.state.encode(),
-                                      self.log.location(position))
+        # A snapshot makes the next start fast. A periodic one still being written finishes
+        # first; this one, of the final state, supersedes it.
+        await self._snapshotter.save()
 
 
 def budgets_of(organism: Organism) -> dict[str, int | None]:
@@ -553,8 +467,8 @@ def loaded_event(organism: Organism, *, at: float) -> OrganismLoaded:
 async def open_pump(organism: Organism, log: EventLog, *, clock: Clock = system_clock,
                     mailbox_capacity: int = 1000, stop_timeout: float = 10.0,
                     snapshot_every: int | None = SNAPSHOT_EVERY) -> AsyncIterator[Pump]:
-    """Run ``organism`` on ``log`` for the duration of the ``async with`` block. On a file log,
-    a snapshot is saved every ``snapshot_every`` records (0 or None: only on stop)."""
+    """Run ``organism`` on ``log`` for the duration of the ``async with`` block. The log keeps
+    a snapshot every ``snapshot_every`` records (0 or None: only on stop)."""
     pump = Pump(organism=organism, log=log, clock=clock, mailbox_capacity=mailbox_capacity,
                 stop_timeout=stop_timeout, snapshot_every=snapshot_every)
     await pump._replay()
@@ -564,10 +478,9 @@ async def open_pump(organism: Organism, log: EventLog, *, clock: Clock = system_
             pump._group = group
             for name, listener in organism.listeners.items():
                 pump._spawn_workers(name, 0, listener.concurrency)
-            probe = getattr(log, "probe", None)
-            if probe is not None:  # after a failed append, find out when the log works again
-                pump._workers.append(group.create_task(pump._ledger.recover(probe),
-                                                       name="log-recovery"))
+            # After a failed append, find out when the log works again.
+            pump._workers.append(group.create_task(pump._ledger.recover(log.probe),
+                                                   name="log-recovery"))
             try:
                 yield pump
             finally:

@@ -8,6 +8,7 @@ the application; ``app.state.pump`` is what every endpoint acts on. Errors are a
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
@@ -30,7 +31,7 @@ from xml_pipeline.api.openapi import document
 from xml_pipeline.api.responses import ApiError, JSONResponse, error_response
 from xml_pipeline.config import Organism
 from xml_pipeline.errors import XmlPipelineError
-from xml_pipeline.log.file import open_file_log
+from xml_pipeline.log import open_log
 from xml_pipeline.pump import Pump, open_pump
 from xml_pipeline.reload import watch as reload_watch
 
@@ -134,8 +135,7 @@ async def open_organism(organism: Organism, directory: Path, *, stop_timeout: fl
 
     Everything that can stop an organism from starting (a locked or damaged log, a failed
     replay) fails here, before anything is served or recorded."""
-    log = await open_file_log(directory, fsync=organism.log.fsync,
-                              segment_bytes=organism.log.segment_bytes)
+    log = await open_log(dataclasses.replace(organism.log, path=directory, url=None))
     try:
         async with open_pump(organism, log, stop_timeout=stop_timeout,
                              snapshot_every=organism.log.snapshot_every) as pump:

@@ -15,11 +15,11 @@ from typing import Any
 import msgspec
 
 from xml_pipeline.cli.defaults import data_dir
+from xml_pipeline.config import LogConfig
 from xml_pipeline.errors import LogError
-from xml_pipeline.log.file import open_file_log
-from xml_pipeline.log.repair import repair_log
-from xml_pipeline.log.segments import verify_log
-from xml_pipeline.state import State, latest_snapshot, save_snapshot
+from xml_pipeline.log import open_log
+from xml_pipeline.log.file import repair_log, verify_log
+from xml_pipeline.state import State, restore
 
 __all__ = ["repair", "replay"]
 
@@ -78,12 +78,12 @@ async def replay(args: argparse.Namespace) -> int:
     if args.verify and not _verify(directory, args):
         return 1
     try:
-        log = await open_file_log(directory, readonly=True)
+        log = await open_log(LogConfig(path=directory), readonly=True)
     except LogError as exc:
         print(exc.message, file=sys.stderr)
         return 1
     try:
-        state = None if args.no_snapshot else latest_snapshot(directory)
+        state = None if args.no_snapshot else await restore(log)
         start = state.position if state else 0
         counts: Counter[str] = Counter()
         result_state = state or State()
@@ -96,7 +96,7 @@ async def replay(args: argparse.Namespace) -> int:
         if show_progress:
             print("\r", end="", file=sys.stderr)
         if args.snapshot:
-            save_snapshot(directory, result_state)
+            await log.snapshots.save(result_state.position, result_state.encode())
     except LogError as exc:
         print(exc.message, file=sys.stderr)
         return 1

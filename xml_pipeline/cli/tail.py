@@ -15,10 +15,11 @@ import msgspec
 
 from xml_pipeline.cli.defaults import data_dir
 from xml_pipeline.cli.remote import api_url
+from xml_pipeline.config import LogConfig
 from xml_pipeline.envelope import format_timestamp
 from xml_pipeline.errors import LogError
 from xml_pipeline.events import CATALOGUE, Event, Recorded
-from xml_pipeline.log.file import open_file_log
+from xml_pipeline.log import open_log
 
 __all__ = ["RECONNECT_FIRST", "RECONNECT_MAX", "Style", "tail_command"]
 
@@ -119,7 +120,7 @@ async def _tail(args: argparse.Namespace) -> int:
     directory.mkdir(parents=True, exist_ok=True)
     tail = _Tail(args, sys.stdout)
     try:
-        log = await open_file_log(directory, readonly=True)
+        log = await open_log(LogConfig(path=directory), readonly=True)
     except LogError as exc:
         print(exc.message, file=sys.stderr)
         return 1

@@ -2,7 +2,8 @@
 
 Events go through the same mapper as the durable logs (``encode`` then ``decode``), so what a
 test reads back is what it would read from a file, and an event outside the catalogue is
-refused here too.
+refused here too. Snapshots are kept in memory, the newest two, so that the code that takes
+and uses them runs on this log too; ``probe`` returns at once, since an append never fails.
 """
 
 from __future__ import annotations
@@ -14,7 +15,29 @@ from xml_pipeline.errors import LogClosedError
 from xml_pipeline.events import Event, Recorded, decode, encode
 from xml_pipeline.log.statistics import LogStatistics
 
-__all__ = ["MemoryLog"]
+__all__ = ["MemoryLog", "MemorySnapshots"]
+
+
+class MemorySnapshots:
+    """The ``Snapshots`` of a ``MemoryLog``: the newest ``keep``, in memory."""
+
+    def __init__(self, log: MemoryLog, *, keep: int = 2) -> None:
+        self._log = log
+        self._keep = keep
+        self._saved: dict[int, bytes] = {}
+
+    async def latest(self, *, upto: int | None = None) -> tuple[int, bytes] | None:
+        last = self._log.last_position if upto is None else min(upto, self._log.last_position)
+        position = max((p for p in self._saved if p <= last), default=None)
+        return None if position is None else (position, self._saved[position])
+
+    async def save(self, position: int, state: bytes) -> bool:
+        if not 1 <= position <= self._log.last_position:
+            return False
+        self._saved[position] = bytes(state)
+        for old in sorted(self._saved)[:-self._keep]:
+            del self._saved[old]
+        return True
 
 
 class MemoryLog:
@@ -24,10 +47,18 @@ class MemoryLog:
         self._closed = False
         self._batches = 0
         self._largest = 0
+        self._snapshots = MemorySnapshots(self)
 
     @property
     def last_position(self) -> int:
         return len(self._records)
+
+    @property
+    def snapshots(self) -> MemorySnapshots:
+        return self._snapshots
+
+    async def probe(self) -> None:
+        return None
 
     async def append(self, events: Sequence[Event]) -> list[int]:
         return await self.append_nowait(events)

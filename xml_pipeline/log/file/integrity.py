@@ -1,4 +1,4 @@
-"""The check a file log passes on every open, before anything reads or appends.
+"""The integrity checks of a file log: the cheap one on every open, and the deep one.
 
 ``check_log`` refuses (``LogDamagedError``, naming the segment file, the offset and the
 position) a log whose history is not whole, and finds where it ends. It is cheap: it reads
@@ -15,7 +15,9 @@ a few frames of each sealed segment and the last segment in full, never the whol
   the chain hash it recorded (``anchors``), so history cannot be lost or changed under it.
 
 Damage inside a record in the middle of a sealed segment passes this check; ``verify_log``
-(``xml-pipeline replay --verify``) finds it, and so does any read that reaches it.
+(``xml-pipeline replay --verify``) finds it, and so does any read that reaches it: it reads
+every frame, checks every checksum and the whole hash chain, and every snapshot's anchor
+against the chain it recomputes.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from xml_pipeline.errors import LogDamagedError
-from xml_pipeline.log.anchors import SNAPSHOTS, anchors
-from xml_pipeline.log.segments import (
+from xml_pipeline.log.file.anchors import SNAPSHOTS, anchors
+from xml_pipeline.log.file.segments import (
     GENESIS,
     HEADER,
     HEADER_SIZE,
@@ -42,7 +44,7 @@ from xml_pipeline.log.segments import (
     segments,
 )
 
-__all__ = ["LogEnd", "check_log", "damaged"]
+__all__ = ["LogEnd", "VerifyResult", "check_log", "damaged", "verify_log"]
 
 _WINDOW = 64 * 1024  # how far from its end a sealed segment is first searched for its last frame
 _START = MAGIC + bytes([1])  # every frame starts with these bytes
@@ -237,3 +239,83 @@ def _witness(directory: Path, end: LogEnd, snapshot: str, position: int, segment
                       f"the snapshot {snapshot} recorded the chain hash {recorded[:16]}... for "
                       f"this record, but the log holds {held}: the history up to it is not "
                       "the one the snapshot saw")
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyResult:
+    records: int
+    last_position: int
+    bad_position: int | None  # the first record that fails, if any
+    problem: str | None
+    torn_bytes: int  # incomplete bytes at the very end (a torn tail or a write in progress)
+    segment: str | None = None  # the file where the first bad record is, or should be
+    offset: int = 0  # and where in it
+    #: (snapshot file, what is wrong) for each snapshot whose anchor the log contradicts
+    snapshots: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        """True if every record checks out (the snapshots are judged apart)."""
+        return self.bad_position is None
+
+
+def verify_log(directory: Path) -> VerifyResult:
+    """Check every frame's CRC, consecutive positions from 1, the whole hash chain, and every
+    snapshot's anchor against the chain: the deep check that reads the whole log."""
+    witnesses = {anchor.position: (path.name, anchor) for path, anchor in anchors(directory)}
+    contradicted: list[tuple[str, str]] = []
+    previous = GENESIS
+    expected = 1
+    records = 0
+    listing = segments(directory)
+
+    def result(problem: str | None = None, segment: str | None = None, offset: int = 0,
+               torn: int = 0) -> VerifyResult:
+        last = expected - 1
+        for position, (name, _) in sorted(witnesses.items()):
+            if position > last:
+                contradicted.append((name, f"it includes position {position}, but the log "
+                                           f"holds intact records only up to {last}"))
+        return VerifyResult(records, last, None if problem is None else expected, problem,
+                            torn, segment, offset, tuple(contradicted))
+
+    for index, (first, path) in enumerate(listing):
+        if first != expected:
+            return result(f"segment {path.name} starts at {first}, expected {expected}",
+                          path.name)
+        buf = path.read_bytes()
+        size = len(buf)
+        view = memoryview(buf)
+        offset = 0
+        while offset < size:
+            frame = frame_at(view, offset, size)
+            if isinstance(frame, str):
+                followed = good_frame_in(buf, offset + 1, size)
+                damage = damage_at(view, offset, size)
+                if index == len(listing) - 1 and not followed and damage is None:
+                    return result(torn=size - offset)
+                if damage is not None:
+                    return result(f"{path.name}, offset {offset}: {damage}", path.name, offset)
+                reason = f"incomplete frame at offset {offset}" if frame == "torn" else frame
+                return result(f"{path.name}: {reason}", path.name, offset)
+            end, type_len, _, position, _, digest = frame
+            if position != expected:
+                return result(f"{path.name}: position {position} where {expected} was "
+                              f"expected (offset {offset})", path.name, offset)
+            start = offset + HEADER_SIZE
+            computed = chain_hash(previous, view[offset + 8: offset + 30],
+                                  bytes(view[start: start + type_len]),
+                                  view[start + type_len: end])
+            if computed != digest:
+                return result(f"{path.name}: hash chain broken at offset {offset} (this "
+                              "record or the one before it was altered)", path.name, offset)
+            witness = witnesses.pop(position, None)
+            if witness is not None and witness[1].chain_hash != digest.hex():
+                contradicted.append((witness[0], (
+                    f"it records the chain hash {witness[1].chain_hash[:16]}... for position "
+                    f"{position}, but the log's chain gives {digest.hex()[:16]}...")))
+            previous = digest
+            records += 1
+            expected += 1
+            offset = end
+    return result()

@@ -26,9 +26,11 @@ from pathlib import Path
 
 from xml_pipeline.errors import LogCorruptedError
 from xml_pipeline.events import LogRepaired
-from xml_pipeline.log.anchors import SNAPSHOTS
-from xml_pipeline.log.file import FileLog, _fsync_directory
-from xml_pipeline.log.segments import good_frame_in, segments, verify_log
+from xml_pipeline.log.file.anchors import SNAPSHOTS
+from xml_pipeline.log.file.file import FileLog
+from xml_pipeline.log.file.integrity import verify_log
+from xml_pipeline.log.file.segments import good_frame_in, segments
+from xml_pipeline.log.file.writer import fsync_directory
 
 __all__ = ["Repair", "repair_log"]
 
@@ -57,7 +59,7 @@ class _Mover:
                 n += 1
             self.folder = self.directory / f"damaged-{n}"
             self.folder.mkdir()
-            _fsync_directory(self.directory)
+            fsync_directory(self.directory)
         target = self.folder / name
         target.parent.mkdir(exist_ok=True)
         return target
@@ -96,7 +98,7 @@ class _Mover:
         for folder in (self.folder, self.folder / SNAPSHOTS, self.directory,
                        self.directory / SNAPSHOTS):
             if folder.is_dir():
-                _fsync_directory(folder)
+                fsync_directory(folder)
 
 
 def _move_damage(directory: Path, mover: _Mover) -> tuple[list[str], int | None, int, int]:

@@ -16,6 +16,10 @@ Guarantees:
   ``verify_log`` and by any read that reaches it.
 - A read-only log (another process tailing this one) sees records once they are written,
   which may be before the writer's fsync completes.
+- ``follow`` on the writing log yields only durable records, in order; those this process
+  appended lately come from memory (``window``, the very events appended), the rest from the
+  segments.
+- ``snapshots`` are files next to the segments (``snapshots``), checked on every open.
 - If a write or fsync fails, the records of that batch and every batch behind it fail with
   ``LogWriteError``; nothing is acknowledged that is not durable. The next append tries again
   from the last durable record.
@@ -26,224 +30,25 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
-import threading
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from contextlib import suppress
 from pathlib import Path
 
 from xml_pipeline.errors import LogClosedError, LogCorruptedError, LogLockedError, LogWriteError
 from xml_pipeline.events import Event, Recorded, encode
-from xml_pipeline.log.integrity import LogEnd, check_log
-from xml_pipeline.log.segments import GENESIS, LogReader, make_frame, segment_name
+from xml_pipeline.log.file.integrity import LogEnd, check_log
+from xml_pipeline.log.file.places import Places
+from xml_pipeline.log.file.reader import LogReader
+from xml_pipeline.log.file.segments import GENESIS, make_frame
+from xml_pipeline.log.file.snapshots import FileSnapshots
+from xml_pipeline.log.file.window import Window
+from xml_pipeline.log.file.writer import Batch, Writer, fsync_directory
 from xml_pipeline.log.statistics import LogStatistics
 
-__all__ = ["FileLog", "open_file_log"]
+__all__ = ["FSYNC_POLICIES", "FileLog", "open_file_log"]
 
 FSYNC_POLICIES = ("always", "batch", "never")
 _POLL_INTERVAL = 0.05  # how often followers look for records written by other processes
-_LOCATIONS = 1024  # batches whose last record's location the writer remembers
-
-
-class _Batch:
-    __slots__ = ("data", "count", "last_position", "last_hash", "last_offset", "future",
-                 "first_position")
-
-    def __init__(self, data: bytes, count: int, last_position: int, last_hash: bytes,
-                 future: asyncio.Future[list[int]], first_position: int,
-                 last_offset: int = 0) -> None:
-        self.data = data
-        self.count = count
-        self.last_position = last_position
-        self.last_hash = last_hash
-        self.last_offset = last_offset  # where the last record's frame starts in ``data``
-        self.future = future
-        self.first_position = first_position
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class _Writer:
-    """The thread that owns the segment file descriptor: writes, fsyncs and rotates."""
-
-    def __init__(self, *, directory: Path, fsync: str, segment_bytes: int,
-                 loop: asyncio.AbstractEventLoop, segment: Path | None, size: int,
-                 durable_position: int, durable_hash: bytes, on_durable: object) -> None:
-        self.directory = directory
-        self.fsync = fsync
-        self.segment_bytes = segment_bytes
-        self.loop = loop
-        self.segment = segment
-        self.size = size
-        self.durable_position = durable_position
-        self.durable_hash = durable_hash
-        self.failure: BaseException | None = None
-        self._on_durable = on_durable
-        self._fd: int | None = None
-        self._dirty = False  # a failed write may have left bytes past ``size``
-        self._queue: list[_Batch] = []
-        self._cond = threading.Condition()
-        self._stopping = False
-        self.batches = 0
-        self.fsyncs = 0
-        self.largest_batch = 0
-        self.bytes_written = 0
-        self.in_flight = 0
-        #: position -> (segment name, offset, chain hash) of the last record of each of the
-        #: latest batches written (what a snapshot needs, without reading the segment)
-        self.locations: OrderedDict[int, tuple[str, int, bytes]] = OrderedDict()
-        self._thread = threading.Thread(target=self._run, name="xml-pipeline-log-writer",
-                                        daemon=True)
-        self._thread.start()
-
-    def submit(self, batch: _Batch) -> None:
-        with self._cond:
-            self._queue.append(batch)
-            self.in_flight += 1
-            self._cond.notify()
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
-        self._thread.join()
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue and not self._stopping:
-                    self._cond.wait()
-                if not self._queue and self._stopping:
-                    return
-                taken, self._queue = self._queue, []
-            if self.fsync == "always":
-                for batch in taken:
-                    self._commit([batch])
-            else:
-                self._commit(taken)
-
-    def _open_segment(self, first_position: int) -> None:
-        if self._fd is not None and self.size < self.segment_bytes:
-            return
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        if self.segment is None or self.size >= self.segment_bytes:
-            path, size, created = self.directory / segment_name(first_position), 0, True
-        else:
-            path, size, created = self.segment, self.size, False
-        # O_CREAT even when reopening: a failed rotation may have left no file behind.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        try:
-            if self._dirty or created:
-                # Anything past the last durable record is left over from a failed write.
-                os.ftruncate(fd, size)
-            if created and self.fsync != "never":
-                _fsync_directory(self.directory)
-        except BaseException:
-            os.close(fd)
-            raise
-        self._fd, self.segment, self.size = fd, path, size
-        self._dirty = False
-
-    def _commit(self, batches: list[_Batch]) -> None:
-        if self.failure is not None:
-            self._finish(batches, self.failure)
-            return
-        first = batches[0].last_position - batches[0].count + 1
-        data = b"".join(b.data for b in batches) if len(batches) > 1 else batches[0].data
-        try:
-            self._open_segment(first)
-            assert self._fd is not None
-            view = memoryview(data)
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
-            if self.fsync != "never":
-                os.fdatasync(self._fd)
-                self.fsyncs += 1
-        except Exception as exc:  # noqa: BLE001 - every waiter must hear about it
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-            self.failure = LogWriteError(
-                f"The event log could not be written ({reason}); nothing in this "
-                "batch was acknowledged. Free space or fix the disk, then retry."
-            )
-            self.failure.__cause__ = exc
-            # Cut whatever part of the batch reached the file, so the tail stays clean; if
-            # that fails too, the next attempt cuts it before writing.
-            self._dirty = True
-            if self._fd is not None:
-                with suppress(OSError):
-                    os.ftruncate(self._fd, self.size)
-            self._finish(batches, self.failure)
-            return
-        assert self.segment is not None
-        offset = self.size
-        for batch in batches:
-            self.locations[batch.last_position] = (self.segment.name,
-                                                   offset + batch.last_offset, batch.last_hash)
-            offset += len(batch.data)
-        while len(self.locations) > _LOCATIONS:
-            self.locations.popitem(last=False)
-        self.size += len(data)
-        self.bytes_written += len(data)
-        self.batches += 1
-        self.largest_batch = max(self.largest_batch, sum(b.count for b in batches))
-        self.durable_position = batches[-1].last_position
-        self.durable_hash = batches[-1].last_hash
-        self._finish(batches, None)
-
-    def _finish(self, batches: list[_Batch], error: BaseException | None) -> None:
-        with self._cond:
-            self.in_flight -= len(batches)
-        try:
-            self.loop.call_soon_threadsafe(self._on_durable, batches, error)  # type: ignore[arg-type]
-        except RuntimeError:  # the loop is closed: nobody is waiting any more
-            pass
-
-    def probe(self) -> None:
-        """Check, from the caller's thread while nothing is in flight, that the disk takes a
-        write and an fsync: cut the segment back to its durable size, write one byte, sync,
-        cut it off again, sync. Raises ``LogWriteError``; on success the writer is usable."""
-        with self._cond:
-            if self.in_flight:
-                raise LogWriteError("The log is still finishing a write; probe again later.")
-            try:
-                if self._fd is not None:
-                    os.close(self._fd)
-                    self._fd = None
-                self._open_segment(self.durable_position + 1)
-                assert self._fd is not None
-                os.ftruncate(self._fd, self.size)
-                os.write(self._fd, b"\0")
-                os.fdatasync(self._fd)
-                os.ftruncate(self._fd, self.size)
-                os.fdatasync(self._fd)
-            except OSError as exc:
-                raise LogWriteError(f"The event log still cannot be written "
-                                    f"({exc.strerror or exc}).") from exc
-            self.failure = None
-
-    def reset_failure(self) -> bool:
-        """Forget a failure once nothing is in flight; True if the writer is usable again."""
-        with self._cond:
-            if self.in_flight:
-                return False
-            self.failure = None
-            if self._fd is not None:
-                with suppress(OSError):
-                    os.close(self._fd)
-                self._fd = None
-            return True
 
 
 class FileLog:
@@ -257,14 +62,16 @@ class FileLog:
         self.segment_bytes = segment_bytes
         self.repaired_bytes = 0
         self._lock_fd: int | None = None
-        self._writer: _Writer | None = None
+        self._writer: Writer | None = None
         self._next_position = 1
         self._previous_hash = GENESIS
         self._durable = 0
         self._appended = 0
         self._changed = asyncio.Event()
         self._closed = False
-        self._hints: dict[int, tuple[str, int]] = {}
+        self._places = Places()
+        self._window = Window(first=1)
+        self._snapshots = FileSnapshots(directory, self._places)
 
     # -- opening
 
@@ -292,7 +99,7 @@ class FileLog:
             path, offset = end.torn
             if offset == 0:  # the segment holds no whole record
                 path.unlink()
-                _fsync_directory(self.directory)
+                fsync_directory(self.directory)
             else:
                 with open(path, "r+b") as handle:
                     handle.truncate(offset)
@@ -320,7 +127,8 @@ class FileLog:
         self._next_position = end.position + 1
         self._previous_hash = end.chain_hash
         self._durable = end.position
-        self._writer = _Writer(
+        self._window = Window(first=end.position + 1)
+        self._writer = Writer(
             directory=self.directory, fsync=self.fsync, segment_bytes=self.segment_bytes,
             loop=asyncio.get_running_loop(), segment=end.segment, size=end.size,
             durable_position=end.position, durable_hash=end.chain_hash,
@@ -332,23 +140,26 @@ class FileLog:
             os.close(self._lock_fd)
             self._lock_fd = None
 
+    def _restart(self, writer: Writer) -> None:
+        """Go on from the last durable record: the batches that failed never happened."""
+        self._next_position = writer.durable_position + 1
+        self._previous_hash = writer.durable_hash
+
+    # -- the contract
+
     async def probe(self) -> None:
-        """Raise ``LogWriteError`` unless the disk takes a write and an fsync now; on success,
-        appends start again from the last durable record."""
+        """Raise ``LogWriteError`` unless the disk takes a write and an fsync now (always, on
+        a log opened read-only); on success, appends start again from the last durable
+        record."""
         writer = self._writer
         if writer is None:
             raise LogWriteError(f"The log at {self.directory} was opened read-only.")
         await asyncio.to_thread(writer.probe)
-        self._next_position = writer.durable_position + 1
-        self._previous_hash = writer.durable_hash
+        self._restart(writer)
 
-    def seek_hint(self, position: int, segment: str, offset: int) -> None:
-        """Remember that the record at ``position`` starts at ``segment``:``offset`` (a snapshot
-        knows this), so that ``read(after=position)`` need not scan the segment from its start.
-        A wrong hint is harmless: the reader checks every frame it reads."""
-        self._hints[position] = (segment, offset)
-
-    # -- the contract
+    @property
+    def snapshots(self) -> FileSnapshots:
+        return self._snapshots
 
     @property
     def last_position(self) -> int:
@@ -374,9 +185,7 @@ class FileLog:
         if writer.failure is not None:
             if not writer.reset_failure():
                 raise writer.failure
-            # Start again from the last durable record: failed batches never happened.
-            self._next_position = writer.durable_position + 1
-            self._previous_hash = writer.durable_hash
+            self._restart(writer)
         position = self._next_position
         previous = self._previous_hash
         frames = []
@@ -390,17 +199,22 @@ class FileLog:
         self._next_position = position
         self._previous_hash = previous
         data = b"".join(frames)
-        writer.submit(_Batch(data, len(frames), position - 1, previous, future, first,
-                             len(data) - len(frames[-1])))
+        writer.submit(Batch(events, data, len(frames), position - 1, previous, future, first,
+                            len(data) - len(frames[-1])))
         return future
 
     def location(self, position: int) -> tuple[str, int, bytes] | None:
-        """``(segment name, offset, chain hash)`` of the record at ``position`` if it is the
-        last record of one of the latest batches written (else None: see ``locate_record``)."""
-        writer = self._writer
-        return None if writer is None else writer.locations.get(position)
+        """``(segment name, offset, chain hash)`` of the record at ``position`` if the log
+        knows it without reading: the last record of one of the latest writes, or the record
+        of a snapshot it handed out (else None: see ``segments.locate_record``)."""
+        return self._places.get(position)
 
-    def _on_durable(self, batches: list[_Batch], error: BaseException | None) -> None:
+    def _on_durable(self, batches: list[Batch], error: BaseException | None) -> None:
+        last = batches[-1]
+        if error is None and last.place is not None:
+            # Where the write ended: from there, the place of any record written since is
+            # found without reading much (``snapshots``).
+            self._places.remember(last.last_position, *last.place, last.last_hash)
         for batch in batches:
             if batch.future.done():
                 continue
@@ -410,6 +224,7 @@ class FileLog:
             else:
                 batch.future.set_exception(error)
         if error is None:
+            self._window.add(batches)
             self._durable = batches[-1].last_position
             self._appended += sum(b.count for b in batches)
             self._changed.set()
@@ -421,7 +236,7 @@ class FileLog:
             self._durable = position
 
     async def read(self, after: int = 0) -> AsyncIterator[Recorded]:
-        reader = LogReader(self.directory, after=after, start=self._hints.get(after))
+        reader = LogReader(self.directory, after=after, start=self._places.start(after))
         limit = None if self.readonly else self._durable
         count = 0
         for record in reader.read_available(limit=limit):
@@ -432,23 +247,39 @@ class FileLog:
                 await asyncio.sleep(0)  # let the loop breathe during long replays
 
     async def follow(self, after: int = 0) -> AsyncIterator[Recorded]:
-        reader = LogReader(self.directory, after=after, start=self._hints.get(after))
+        following = max(after, 0) + 1  # the position to yield next
+        reader: LogReader | None = None
         while True:
             changed = self._changed
-            limit = None if self.readonly else self._durable
             count = 0
-            for record in reader.read_available(limit=limit):
-                self._seen(record.position)
-                yield record
+            # What this process appended lately, from memory: the events it was given.
+            window = self._window
+            while following <= self._durable and (event := window.get(following)) is not None:
+                yield Recorded(following, event)
+                following += 1
                 count += 1
                 if count % 4096 == 0:
                     await asyncio.sleep(0)
-            if self._closed:
+            # The rest from the segments, up to where the window starts: a follower behind
+            # it, what preceded this process's appends, another process's records (read-only).
+            limit = None if self.readonly else min(self._durable, window.first - 1)
+            if limit is None or following <= limit:
+                if reader is None or reader.next_position != following:
+                    reader = LogReader(self.directory, after=following - 1,
+                                       start=self._places.start(following - 1))
+                for record in reader.read_available(limit=limit):
+                    self._seen(record.position)
+                    yield record
+                    count += 1
+                    if count % 4096 == 0:
+                        await asyncio.sleep(0)
+                following = reader.next_position
+            if self._closed and (count == 0 or following > self._durable):
                 return
             # Wait unless this pass made progress and durable records remain: another
             # process's appends are only seen by polling, and a pass that found nothing
             # must never spin without yielding to the loop.
-            if self.readonly or count == 0 or reader.next_position > self._durable:
+            if self.readonly or count == 0 or following > self._durable:
                 # asyncio.timeout, not wait_for: wait_for (3.11) can swallow a cancellation
                 # that lands in the same turn as the wake-up.
                 with suppress(TimeoutError):

@@ -1,6 +1,6 @@
 """Anchors: what each snapshot of a file log says about the log's history.
 
-A snapshot (``xml_pipeline.state``) is a file in the log directory's ``snapshots/`` folder
+A snapshot (``snapshots``) is a file in the log directory's ``snapshots/`` folder
 that starts with its anchor: the position it includes, where that record's frame is
 (segment file and offset) and that record's chain hash. Since the chain hash of a record
 depends on every record before it, an anchor is a cheap witness of the whole history up to
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import msgspec
 
-__all__ = ["ANCHOR_VERSION", "SNAPSHOTS", "Anchor", "anchors"]
+__all__ = ["ANCHOR_VERSION", "SNAPSHOTS", "SUFFIX", "Anchor", "anchors", "read_anchor"]
 
 SNAPSHOTS = "snapshots"
 ANCHOR_VERSION = 1

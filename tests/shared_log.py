@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Sequence
 from xml_pipeline.errors import LogClosedError
 from xml_pipeline.events import Event, Recorded, decode, encode
 from xml_pipeline.log import LogStatistics
+from xml_pipeline.log.memory import MemorySnapshots
 
 __all__ = ["SharedLog"]
 
@@ -48,10 +49,22 @@ class SharedHandle:
         self._appended = 0
         self._batches = 0
         self._largest = 0
+        self._snapshots = MemorySnapshots(self)
 
     @property
     def last_position(self) -> int:
         return self._shared.durable
+
+    @property
+    def exclusive(self) -> bool:
+        return False  # other handles append too
+
+    @property
+    def snapshots(self) -> MemorySnapshots:
+        return self._snapshots
+
+    async def probe(self) -> None:
+        return None
 
     async def append(self, events: Sequence[Event]) -> list[int]:
         return await self.append_nowait(events)

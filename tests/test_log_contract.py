@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from tests.shared_log import SharedLog
 from xml_pipeline.errors import LogClosedError
 from xml_pipeline.events import CATALOGUE, AgentPaused, Event, Recorded
 from xml_pipeline.log import EventLog, LogStatistics
@@ -30,6 +31,10 @@ Opener = Callable[[pytest.FixtureRequest], Awaitable[EventLog]]
 
 async def _open_memory(request: pytest.FixtureRequest) -> EventLog:
     return MemoryLog()
+
+
+async def _open_shared(request: pytest.FixtureRequest) -> EventLog:
+    return SharedLog().connect()  # type: ignore[return-value]  # a test double
 
 
 def _file_opener(fsync: str) -> Opener:
@@ -49,6 +54,7 @@ class Backend:
 
 BACKENDS: dict[str, Backend] = {
     "memory": Backend(open=_open_memory, durable=False),
+    "shared": Backend(open=_open_shared, durable=False),
     "file-always": Backend(open=_file_opener("always"), durable=True),
     "file-batch": Backend(open=_file_opener("batch"), durable=True),
     "file-never": Backend(open=_file_opener("never"), durable=True),

@@ -43,7 +43,7 @@ from xml_pipeline.events import (
 from xml_pipeline.handlers import Context, HandlerInfo, Payload
 from xml_pipeline.ledger import Ledger
 from xml_pipeline.mailbox import Delivery, Mailbox
-from xml_pipeline.state.scheduling import Lease, grant
+from xml_pipeline.state.scheduling import Lease, check, grant
 from xml_pipeline.types import Clock
 
 __all__ = ["Deliverer"]
@@ -130,10 +130,16 @@ class Deliverer:
                 mailbox.done(delivery)
                 self._ledger.notify()
 
-    def _grant(self, listener: Listener, delivery: Delivery, holder: str) -> Lease | None:
+    async def _grant(self, listener: Listener, delivery: Delivery, holder: str
+                     ) -> Lease | None:
         """Lease ``delivery`` to ``holder`` and record it (``MessageDelivered``), superseding
         the message's previous lease (a failed, parked or crashed attempt). None if the fold
-        says another holder has it."""
+        says another holder has it.
+
+        On a log this pump is the only writer of, the lease is decided here and the handler
+        may start at once: its sends and outcome follow the lease in the log. On a shared log
+        another writer's claim may come first, so the holder waits until the fold has its
+        lease (or another one: then it lost the race, and lets the message go)."""
         delivery.attempts += 1
         now = self._clock()
         previous = delivery.lease.lease_id if delivery.lease is not None else delivery.supersedes
@@ -148,9 +154,20 @@ class Deliverer:
         except LeaseLostError as exc:
             _log.warning("not delivering: %s", exc)
             return None
-        self._commit_soon([event])
+        committed = self._commit_soon([event])
         lease = Lease(message_id=delivery.message_id, attempt=delivery.attempts,
                       lease_id=lease_id, holder=holder, deadline=deadline, supersedes=previous)
+        if not self._ledger.log.exclusive:
+            try:
+                await asyncio.shield(committed)
+                check(state.scheduling, lease)
+            except LeaseLostError as exc:
+                _log.info("not delivering: %s", exc)
+                return None
+            except LogError:  # the claim was not recorded: try again once the log works
+                delivery.attempts -= 1
+                self._requeue(listener.name, delivery, closed=False)
+                return None
         delivery.lease = delivery.holding = lease
         return lease
 
@@ -181,7 +198,7 @@ class Deliverer:
                                f"{exc.message}")]))
                     return
                 delivery.schema_digest = listener.schema.digest
-            lease = self._grant(listener, delivery, holder or f"{self._process}/{name}")
+            lease = await self._grant(listener, delivery, holder or f"{self._process}/{name}")
             if lease is None:
                 return
             attempt = lease.attempt

@@ -62,7 +62,7 @@ class Ledger:
 
     @property
     def idle(self) -> bool:
-        return not self.appending and not self._buffer
+        return not self.appending and not self._buffer and not self._settle_scheduled
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
@@ -235,7 +235,8 @@ class Ledger:
                 start += len(part)
         # A thread whose last open message just finished is complete (if the worker did not
         # already record it with the outcome).
-        finished, self._finished = self._finished, []
+        finished = self._finished[:]  # the follower appends to this very list
+        self._finished.clear()
         for thread_id in finished:
             thread = state.threads.threads.get(thread_id)
             if (thread is not None and thread.status == "active" and thread.open_count == 0

@@ -63,8 +63,11 @@ from xml_pipeline.mailbox import Delivery, Mailbox
 from xml_pipeline.router import Accepted, Router
 from xml_pipeline.snapshotter import Snapshotter
 from xml_pipeline.state import State, replay, restore
+from xml_pipeline.state.agents import pause as decide_pause
+from xml_pipeline.state.agents import resume as decide_resume
 from xml_pipeline.state.budgets import raised as budget_raised
 from xml_pipeline.state.threads import FINAL
+from xml_pipeline.state.threads import kill as decide_kill
 from xml_pipeline.types import Clock, system_clock
 from xml_pipeline.version import __version__
 
@@ -95,6 +98,8 @@ class Pump:
         self._stopping = False
         self._workers: list[asyncio.Task[None]] = []
         self._group: asyncio.TaskGroup | None = None
+        #: thread id -> the commit of the drops its kill caused (awaited by ``kill_thread``)
+        self._dropping: dict[str, asyncio.Future[list[int]]] = {}
         #: the position of the snapshot the last start replayed from (0: the whole log)
         self.replayed_from = 0
         self._snapshotter = Snapshotter(ledger=self._ledger, every=snapshot_every or 0)
@@ -219,7 +224,13 @@ class Pump:
     def _on_event(self, position: int, event: Event) -> None:
         if position >= self._snapshotter.due:
             self._snapshotter.save_nowait(self._group)
-        if isinstance(event, BudgetRaised):
+        if isinstance(event, AgentPaused | AgentResumed):
+            mailbox = self._mailboxes.get(event.agent)
+            if mailbox is not None:
+                (mailbox.pause if isinstance(event, AgentPaused) else mailbox.resume)()
+        elif isinstance(event, ThreadKilled):
+            self._killed(event.thread_id)
+        elif isinstance(event, BudgetRaised):
             parked = self._deliverer.parked
             threads = ([event.key.partition("|")[0]] if event.scope in ("thread", "thread-agent")
                        else list(parked))
@@ -355,47 +366,58 @@ class Pump:
 
     # ------------------------------------------------------------ control
 
+    # Each control decides from the fold (``state.agents.pause`` and the like return the
+    # event, or None when there is nothing to do) and commits; its effect (a mailbox paused,
+    # a thread's messages dropped) follows the fold of the event, in ``_on_event``, so that
+    # the same event appended by another writer of a shared log has the same effect here.
+
     async def pause(self, agent: str, *, by: str, reason: str = "") -> str:
         """Pause ``agent``: it receives nothing until resumed; its messages wait, in order.
         A message in flight finishes. Returns the agent's state."""
         self._listener(agent)
-        info = self.state.agents.agents.get(agent)
-        if info is None or info.status != "paused":
-            await self._commit([AgentPaused(at=self._clock(), agent=agent, by=by, reason=reason)])
-        self._mailboxes[agent].pause()
+        event = decide_pause(self.state.agents, agent, at=self._clock(), by=by, reason=reason)
+        if event is not None:
+            await self._commit([event])
         return "paused"
 
     async def resume(self, agent: str, *, by: str) -> str:
         self._listener(agent)
-        info = self.state.agents.agents.get(agent)
-        if info is not None and info.status == "paused":
-            await self._commit([AgentResumed(at=self._clock(), agent=agent, by=by)])
-        self._mailboxes[agent].resume()
+        event = decide_resume(self.state.agents, agent, at=self._clock(), by=by)
+        if event is not None:
+            await self._commit([event])
         return "running"
 
     async def kill_thread(self, thread_id: str, *, by: str, reason: str = "") -> bool:
         """Kill a thread: drop its queued messages, cancel its handlers, refuse new messages.
-        Returns False if the thread does not exist."""
-        thread = self.state.threads.threads.get(thread_id)
-        if thread is None:
+        Returns False if the thread does not exist; returns once the drops are recorded."""
+        try:
+            event = decide_kill(self.state.threads, thread_id, at=self._clock(), by=by,
+                                reason=reason)
+        except KeyError:
             return False
-        if thread.status == "killed":
-            return True
-        await self._commit([ThreadKilled(at=self._clock(), thread_id=thread_id, by=by,
-                                         reason=reason)])
+        if event is not None:
+            await self._commit([event])
+        dropping = self._dropping.pop(thread_id, None)
+        if dropping is not None:
+            await asyncio.shield(dropping)
+        return True
+
+    def _killed(self, thread_id: str) -> None:
+        """The effect of a folded ``ThreadKilled``: its queued and parked messages are dropped
+        (recorded), its handlers cancelled (their outcome is ``MessageDropped``)."""
         self._ledger.closed(thread_id)
+        now = self._clock()
         dropped: list[Event] = [
-            MessageDropped(at=self._clock(), message_id=delivery.message_id,
-                           thread_id=thread_id, reason="thread killed")
+            MessageDropped(at=now, message_id=delivery.message_id, thread_id=thread_id,
+                           reason="thread killed")
             for _, delivery in self._deliverer.parked.pop(thread_id, [])]
         for mailbox in self._mailboxes.values():
             for delivery in mailbox.drop_thread(thread_id):
-                dropped.append(MessageDropped(at=self._clock(), message_id=delivery.message_id,
+                dropped.append(MessageDropped(at=now, message_id=delivery.message_id,
                                               thread_id=thread_id, reason="thread killed"))
         self._deliverer.cancel_thread(thread_id)
         if dropped:
-            await self._commit(dropped)
-        return True
+            self._dropping[thread_id] = self._commit_soon(dropped)
 
     # ------------------------------------------------------------ waiting and stopping
 

@@ -17,6 +17,10 @@ settings name.
 - ``last_position`` is the position of the last durable record (0 for an empty log).
 - ``probe()`` returns once the log can be written again after a failed append, and raises
   while it cannot (a log that cannot be written at all, read-only say, always raises).
+- ``exclusive`` says whether this handle is the log's only writer (the file log's lock makes
+  it so; the memory log lives in one process). Where it is not (a stream several processes
+  append to), a holder waits until the fold has its lease before it acts on it, since
+  another writer's claim may come first in the log.
 - ``snapshots`` keeps encoded states of the log's records, where the backend keeps them (files
   next to the segments; memory for the memory log): ``Snapshots``.
 """
@@ -59,6 +63,9 @@ class EventLog(Protocol):
 
     @property
     def snapshots(self) -> Snapshots: ...
+
+    @property
+    def exclusive(self) -> bool: ...
 
     async def append(self, events: Sequence[Event]) -> list[int]: ...
 

@@ -60,6 +60,10 @@ class MemoryLog:
     async def probe(self) -> None:
         return None
 
+    @property
+    def exclusive(self) -> bool:
+        return True
+
     async def append(self, events: Sequence[Event]) -> list[int]:
         return await self.append_nowait(events)
 

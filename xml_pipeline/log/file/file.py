@@ -162,6 +162,12 @@ class FileLog:
         return self._snapshots
 
     @property
+    def exclusive(self) -> bool:
+        """True: a writable file log holds the directory's lock (a read-only one writes
+        nothing)."""
+        return True
+
+    @property
     def last_position(self) -> int:
         return self._durable
 

@@ -18,7 +18,8 @@ LAYERS = [
     {"events"},
     {"log"},
     {"state"},
-    {"mailbox", "handlers", "ledger", "router", "delivery", "llm", "snapshotter", "pump", "reload"},
+    {"mailbox", "handlers", "ledger", "router", "delivery", "llm", "snapshotter", "pump", "reload",
+     "runtime"},
     {"api", "cli", "__main__", "__init__"},
 ]
 

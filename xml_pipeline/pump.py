@@ -61,6 +61,7 @@ from xml_pipeline.llm import AgentRuntime
 from xml_pipeline.log import EventLog
 from xml_pipeline.mailbox import Delivery, Mailbox
 from xml_pipeline.router import Accepted, Router
+from xml_pipeline.runtime.statistics import ListenerStatistics, PumpStatistics
 from xml_pipeline.snapshotter import Snapshotter
 from xml_pipeline.state import State, replay, restore
 from xml_pipeline.state.agents import pause as decide_pause
@@ -442,6 +443,35 @@ class Pump:
 
     def mailbox(self, name: str) -> Mailbox:
         return self._mailboxes[name]
+
+    def statistics(self) -> PumpStatistics:
+        """The pump as it is now, in one frozen value (what ``/metrics`` and the API show)."""
+        state = self.state
+        agents = state.agents.agents
+        leased: dict[str, int] = {}
+        for lease in state.scheduling.leases.values():
+            leased[lease.listener] = leased.get(lease.listener, 0) + 1
+        listeners = []
+        for name, mailbox in self._mailboxes.items():
+            info = agents.get(name)
+            box = mailbox.statistics()
+            listeners.append(ListenerStatistics(
+                name=name, status=info.status if info is not None else "running",
+                queued=box.queued, in_flight=box.in_flight, capacity=box.capacity,
+                leased=leased.get(name, 0),
+                accepted=info.accepted if info else 0, rejected=info.rejected if info else 0,
+                delivered=info.delivered if info else 0,
+                succeeded=info.succeeded if info else 0, failed=info.failed if info else 0,
+                dead_lettered=info.dead_lettered if info else 0))
+        threads = state.threads
+        fault = self.fault
+        return PumpStatistics(
+            position=state.position, idle=self._idle(), stopping=self._stopping,
+            fault=None if fault is None else str(fault), accepted=threads.accepted,
+            rejected=threads.rejected,
+            open_threads=sum(1 for t in threads.threads.values() if t.open_count > 0),
+            dead_letters=len(threads.dead_letters), leases=len(state.scheduling.leases),
+            listeners=tuple(listeners), log=self.log.statistics())
 
     async def _stop(self, reason: str) -> None:
         self._stopping = True

@@ -211,14 +211,14 @@ class AgentRuntime:
     def _warnings(self, listener: Listener, thread_id: str) -> list[Event]:
         events: list[Event] = []
         warned = self._ledger.state.budgets.warnings
-        for scope, key, gauge in gauges(self._ledger.state.budgets, thread_id, listener.name,
-                                        organism=self._organism().name):
+        for budget, gauge in gauges(self._ledger.state.budgets, thread_id, listener.name,
+                                    organism=self._organism().name):
             if not gauge.limit:
                 continue
             percent = 100 * gauge.used / gauge.limit
             level = max((lv for lv in WARNING_LEVELS if percent >= lv), default=0)
-            if level > warned.get(f"{scope}:{key}", 0):
-                events.append(BudgetWarned(at=self._clock(), scope=scope, key=key,
+            if level > warned.get(str(budget), 0):
+                events.append(BudgetWarned(at=self._clock(), scope=budget.scope, key=budget.key,
                                            percent=level, used=gauge.used, limit=gauge.limit))
         return events
 

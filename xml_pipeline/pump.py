@@ -63,6 +63,7 @@ from xml_pipeline.mailbox import Delivery, Mailbox
 from xml_pipeline.router import Accepted, Router
 from xml_pipeline.snapshotter import Snapshotter
 from xml_pipeline.state import State, replay, restore
+from xml_pipeline.state.budget_keys import ThreadAgentKey, parse_key
 from xml_pipeline.state.budgets import raised as budget_raised
 from xml_pipeline.state.threads import FINAL
 from xml_pipeline.types import Clock, system_clock
@@ -221,15 +222,17 @@ class Pump:
             self._snapshotter.save_nowait(self._group)
         if isinstance(event, BudgetRaised):
             parked = self._deliverer.parked
-            threads = ([event.key.partition("|")[0]] if event.scope in ("thread", "thread-agent")
-                       else list(parked))
+            budget = parse_key(event.scope, event.key)
+            threads = [] if budget is None else [budget.thread_id] \
+                if budget.thread_id is not None else list(parked)
             for thread_id in threads:
                 waiting = parked.pop(thread_id, [])
-                still = [(n, d) for n, d in waiting if f"{thread_id}|{n}" in event.held]
+                held = {n for n, _ in waiting if ThreadAgentKey(thread_id, n).key in event.held}
+                still = [(n, d) for n, d in waiting if n in held]
                 if still:
                     parked[thread_id] = still
                 for name, delivery in waiting:
-                    if f"{thread_id}|{name}" in event.held:
+                    if name in held:
                         continue
                     mailbox = self._mailboxes.get(name)
                     if mailbox is not None:

@@ -298,6 +298,7 @@ def test_unknown_event_type_fails_loudly() -> None:
 
 def test_a_call_held_by_a_budget_waits_until_a_raise_frees_it_and_replay_agrees() -> None:
     from xml_pipeline.events import BudgetExhausted, BudgetRaised
+    from xml_pipeline.state.budget_keys import ThreadAgentKey
     from xml_pipeline.state.budgets import blocking, raised, waiting
 
     loaded = OrganismLoaded(at=0.0, name="o", digest="d", source="",
@@ -328,7 +329,7 @@ def test_a_call_held_by_a_budget_waits_until_a_raise_frees_it_and_replay_agrees(
                         at=4.0, by="ops", organism="o")
     assert pair_raise.held == ()
     assert blocking(state.budgets, "t1", "a", 1200, organism="o",
-                    assuming=("thread-agent", "t1|a", 2000)) is None
+                    assuming=(ThreadAgentKey("t1", "a"), 2000)) is None
     events.append(pair_raise)
     state = project(_records(events))
     assert state.threads.threads["t1"].status == "active" and state.budgets.holds == {}

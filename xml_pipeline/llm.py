@@ -41,7 +41,7 @@ from xml_pipeline.events import (
     TokensReserved,
     TokensUsed,
 )
-from xml_pipeline.handlers import SYSTEM_NS, Context
+from xml_pipeline.handlers import Context, system_error
 from xml_pipeline.ids import IdFactory
 from xml_pipeline.ledger import Ledger
 from xml_pipeline.state.budgets import blocking, gauges
@@ -211,14 +211,14 @@ class AgentRuntime:
     def _warnings(self, listener: Listener, thread_id: str) -> list[Event]:
         events: list[Event] = []
         warned = self._ledger.state.budgets.warnings
-        for scope, key, gauge in gauges(self._ledger.state.budgets, thread_id, listener.name,
-                                        organism=self._organism().name):
+        for budget, gauge in gauges(self._ledger.state.budgets, thread_id, listener.name,
+                                    organism=self._organism().name):
             if not gauge.limit:
                 continue
             percent = 100 * gauge.used / gauge.limit
             level = max((lv for lv in WARNING_LEVELS if percent >= lv), default=0)
-            if level > warned.get(f"{scope}:{key}", 0):
-                events.append(BudgetWarned(at=self._clock(), scope=scope, key=key,
+            if level > warned.get(str(budget), 0):
+                events.append(BudgetWarned(at=self._clock(), scope=budget.scope, key=budget.key,
                                            percent=level, used=gauge.used, limit=gauge.limit))
         return events
 
@@ -317,8 +317,10 @@ class AgentRuntime:
                     else:
                         await ctx.send(to, element)
                 return
+            correction = etree.tostring(system_error(code="invalid_answer", message=problem),
+                                        encoding="unicode")
             messages = _alternate([*messages, {"role": "assistant", "content": text},
-                                   {"role": "user", "content": _system_error(problem)}])
+                                   {"role": "user", "content": correction}])
         raise AgentError(f"The agent's answer was still invalid after {MAX_CORRECTIONS} "
                          f"corrections: {problem}")
 
@@ -355,13 +357,6 @@ def _user_turn(event: MessageAccepted) -> str:
     match = re.search(r"</meta>(.*)</message>\s*\Z", event.envelope, re.S)
     body = match.group(1) if match else event.envelope
     return f'<received from="{event.sender}">{body}</received>'
-
-
-def _system_error(problem: str) -> str:
-    root = etree.Element(f"{{{SYSTEM_NS}}}SystemError", nsmap={None: SYSTEM_NS})
-    etree.SubElement(root, f"{{{SYSTEM_NS}}}code").text = "invalid_answer"
-    etree.SubElement(root, f"{{{SYSTEM_NS}}}message").text = problem
-    return etree.tostring(root, encoding="unicode")
 
 
 def _alternate(turns: list[dict[str, str]]) -> list[dict[str, str]]:

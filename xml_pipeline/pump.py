@@ -66,6 +66,7 @@ from xml_pipeline.snapshotter import Snapshotter
 from xml_pipeline.state import State, replay, restore
 from xml_pipeline.state.agents import pause as decide_pause
 from xml_pipeline.state.agents import resume as decide_resume
+from xml_pipeline.state.budget_keys import ThreadAgentKey, parse_key
 from xml_pipeline.state.budgets import raised as budget_raised
 from xml_pipeline.state.threads import FINAL
 from xml_pipeline.state.threads import kill as decide_kill
@@ -233,15 +234,17 @@ class Pump:
             self._killed(event.thread_id)
         elif isinstance(event, BudgetRaised):
             parked = self._deliverer.parked
-            threads = ([event.key.partition("|")[0]] if event.scope in ("thread", "thread-agent")
-                       else list(parked))
+            budget = parse_key(event.scope, event.key)
+            threads = [] if budget is None else [budget.thread_id] \
+                if budget.thread_id is not None else list(parked)
             for thread_id in threads:
                 waiting = parked.pop(thread_id, [])
-                still = [(n, d) for n, d in waiting if f"{thread_id}|{n}" in event.held]
+                held = {n for n, _ in waiting if ThreadAgentKey(thread_id, n).key in event.held}
+                still = [(n, d) for n, d in waiting if n in held]
                 if still:
                     parked[thread_id] = still
                 for name, delivery in waiting:
-                    if f"{thread_id}|{name}" in event.held:
+                    if name in held:
                         continue
                     mailbox = self._mailboxes.get(name)
                     if mailbox is not None:

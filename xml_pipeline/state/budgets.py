@@ -32,6 +32,16 @@ from xml_pipeline.events import (
     TokensUsed,
     UsageReset,
 )
+from xml_pipeline.state.budget_keys import (
+    SCOPES,
+    AgentKey,
+    BudgetKey,
+    OrganismKey,
+    ThreadAgentKey,
+    ThreadKey,
+    parse_key,
+)
+from xml_pipeline.state.gauges import Blocker, Gauge, Hold, Reservation, UsageTotals
 
 __all__ = [
     "SCOPES",
@@ -49,72 +59,13 @@ __all__ = [
     "waiting",
 ]
 
-#: The budgets a call counts against, in the order they are checked (and listed).
-SCOPES = ("thread", "thread-agent", "agent", "organism")
-
-
-class UsageTotals(msgspec.Struct, kw_only=True, array_like=True, gc=False):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cache_read_tokens: int = 0
-    cache_creation_tokens: int = 0
-    request_count: int = 0
-    total_cost: float = 0.0
-    total_latency_ms: float = 0.0
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-    def add(self, event: TokensUsed) -> None:
-        self.prompt_tokens += event.input_tokens
-        self.completion_tokens += event.output_tokens
-        self.cache_read_tokens += event.cache_read_tokens
-        self.cache_creation_tokens += event.cache_creation_tokens
-        self.request_count += 1
-        self.total_cost += event.cost
-        self.total_latency_ms += event.latency_ms
-
-
-class Gauge(msgspec.Struct, kw_only=True, array_like=True, gc=False):
-    """Used and reserved tokens against a limit (``None``: no limit)."""
-
-    used: int = 0  # prompt + completion tokens, all time
-    reserved: int = 0
-    limit: int | None = None
-    exhausted: bool = False
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-    @property
-    def remaining(self) -> int | None:
-        return None if self.limit is None else max(self.limit - self.used - self.reserved, 0)
-
-    @property
-    def percent_used(self) -> float:
-        return 0.0 if not self.limit else round(100.0 * self.used / self.limit, 2)
-
-
-class Hold(msgspec.Struct, kw_only=True, array_like=True, gc=False):
-    """A call that a budget refused and that waits: the ``BudgetExhausted`` that parked it."""
-
-    scope: str
-    key: str
-    requested: int
-
-
-class Reservation(msgspec.Struct, kw_only=True):
-    thread_id: str
-    agent: str
-    tokens: int
-
 
 class Budgets(msgspec.Struct, kw_only=True):
     defaults: dict[str, int | None] = msgspec.field(default_factory=dict)
     listener_limits: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
     threads: dict[str, Gauge] = msgspec.field(default_factory=dict)
     agents: dict[str, Gauge] = msgspec.field(default_factory=dict)
-    #: "<thread id>|<agent>": one agent's tokens within one thread (its ``budget.thread_tokens``)
+    #: ``ThreadAgentKey.key``: one agent's tokens within one thread (its ``budget.thread_tokens``)
     thread_agents: dict[str, Gauge] = msgspec.field(default_factory=dict)
     organism: Gauge = msgspec.field(default_factory=Gauge)
     reservations: dict[str, Reservation] = msgspec.field(default_factory=dict)
@@ -129,103 +80,76 @@ class Budgets(msgspec.Struct, kw_only=True):
     responses: dict[str, int] = msgspec.field(default_factory=dict)
     #: thread id -> the keys of ``responses`` of its messages (forgotten with the thread)
     thread_responses: dict[str, list[str]] = msgspec.field(default_factory=dict)
-    #: "<scope>:<key>" -> the highest warning level (75, 90, 95) recorded for it
+    #: ``str(BudgetKey)`` -> the highest warning level (75, 90, 95) recorded for it
     warnings: dict[str, int] = msgspec.field(default_factory=dict)
     #: thread id -> agent -> the call of that agent a budget holds (its thread is paused)
     holds: dict[str, dict[str, Hold]] = msgspec.field(default_factory=dict)
 
-    def thread_gauge(self, thread_id: str) -> Gauge:
-        gauge = self.threads.get(thread_id)
-        if gauge is None:
-            gauge = Gauge(limit=self.defaults.get("thread_tokens"))
-            self.threads[thread_id] = gauge
-        return gauge
-
-    def thread_gauge_or_new(self, thread_id: str) -> Gauge:
-        """The thread's gauge, or the one the fold would create (read only)."""
-        return self.threads.get(thread_id) or Gauge(limit=self.defaults.get("thread_tokens"))
-
-    def agent_gauge(self, agent: str) -> Gauge:
-        gauge = self.agents.get(agent)
-        if gauge is None:
-            limit = self.listener_limits.get(agent, {}).get("agent_tokens")
-            gauge = Gauge(limit=limit if limit is not None else self.defaults.get("agent_tokens"))
-            self.agents[agent] = gauge
-        return gauge
-
-    def agent_gauge_or_new(self, agent: str) -> Gauge:
-        """The agent's gauge, or the one the fold would create (read only)."""
-        gauge = self.agents.get(agent)
-        if gauge is not None:
-            return gauge
-        limit = self.listener_limits.get(agent, {}).get("agent_tokens")
-        return Gauge(limit=limit if limit is not None else self.defaults.get("agent_tokens"))
-
-    def thread_agent_gauge_or_new(self, thread_id: str, agent: str) -> Gauge:
-        """``agent``'s gauge within ``thread_id``, or the one the fold would create."""
-        return self.thread_agents.get(f"{thread_id}|{agent}") or Gauge(
-            limit=self.listener_limits.get(agent, {}).get("thread_tokens"))
+    def gauge(self, budget: BudgetKey) -> Gauge:
+        """The gauge of ``budget``, or the one the fold would create for it (read only)."""
+        if isinstance(budget, OrganismKey):
+            return self.organism
+        gauge = _table(self, budget).get(budget.key)
+        return _new_gauge(self, budget) if gauge is None else gauge
 
 
-def thread_agent_gauge(state: Budgets, thread_id: str, agent: str) -> Gauge:
-    key = f"{thread_id}|{agent}"
-    gauge = state.thread_agents.get(key)
+def _table(state: Budgets, budget: ThreadKey | ThreadAgentKey | AgentKey) -> dict[str, Gauge]:
+    if isinstance(budget, ThreadKey):
+        return state.threads
+    return state.thread_agents if isinstance(budget, ThreadAgentKey) else state.agents
+
+
+def _new_gauge(state: Budgets, budget: ThreadKey | ThreadAgentKey | AgentKey) -> Gauge:
+    """The gauge the fold creates for ``budget``: its limit is organism.yaml's ``budgets:``
+    default, or for an agent the listener's ``budget:`` (an agent's budget within a thread
+    has only the listener's ``thread_tokens``)."""
+    if isinstance(budget, ThreadKey):
+        return Gauge(limit=state.defaults.get("thread_tokens"))
+    own = state.listener_limits.get(budget.agent, {})
+    if isinstance(budget, ThreadAgentKey):
+        return Gauge(limit=own.get("thread_tokens"))
+    limit = own.get("agent_tokens")
+    return Gauge(limit=limit if limit is not None else state.defaults.get("agent_tokens"))
+
+
+def _gauge(state: Budgets, budget: BudgetKey) -> Gauge:
+    """The gauge of ``budget``, created (as ``Budgets.gauge`` shows it) if it is new."""
+    if isinstance(budget, OrganismKey):
+        return state.organism
+    table = _table(state, budget)
+    gauge = table.get(budget.key)
     if gauge is None:
-        gauge = Gauge(limit=state.listener_limits.get(agent, {}).get("thread_tokens"))
-        state.thread_agents[key] = gauge
+        gauge = table[budget.key] = _new_gauge(state, budget)
     return gauge
 
 
 # ------------------------------------------------------------------ reading and deciding
 
 
-class Blocker(msgspec.Struct, frozen=True, kw_only=True):
-    """The gauge that a waiting call of ``agent`` would exceed (read only)."""
-
-    scope: str
-    key: str
-    agent: str
-    gauge: Gauge
-    requested: int
-
-    @property
-    def needed(self) -> int:
-        """The smallest limit that lets the call go on."""
-        return self.gauge.used + self.gauge.reserved + self.requested
-
-
 def gauges(state: Budgets, thread_id: str, agent: str, *, organism: str
-           ) -> list[tuple[str, str, Gauge]]:
-    """``(scope, key, gauge)`` of every budget a call of ``agent`` in ``thread_id`` counts
+           ) -> list[tuple[BudgetKey, Gauge]]:
+    """``(budget, gauge)`` of every budget a call of ``agent`` in ``thread_id`` counts
     against, in ``SCOPES`` order, as the fold would create them (read only)."""
-    return [("thread", thread_id, state.thread_gauge_or_new(thread_id)),
-            ("thread-agent", f"{thread_id}|{agent}",
-             state.thread_agent_gauge_or_new(thread_id, agent)),
-            ("agent", agent, state.agent_gauge_or_new(agent)),
-            ("organism", organism, state.organism)]
-
-
-def _covers(scope: str, key: str, thread_id: str) -> bool:
-    """Whether raising ``scope`` (``key``) may free the waiting calls of ``thread_id``."""
-    return scope in ("agent", "organism") or key.partition("|")[0] == thread_id
+    keys: tuple[BudgetKey, ...] = (ThreadKey(thread_id), ThreadAgentKey(thread_id, agent),
+                                   AgentKey(agent), OrganismKey(organism))
+    return [(budget, state.gauge(budget)) for budget in keys]
 
 
 def blocking(state: Budgets, thread_id: str, agent: str, requested: int, *, organism: str,
-             assuming: tuple[str, str, int] | None = None) -> Blocker | None:
+             assuming: tuple[BudgetKey, int] | None = None) -> Blocker | None:
     """The first gauge (``SCOPES`` order) that a call of ``agent`` in ``thread_id`` needing
     up to ``requested`` tokens would exceed, or None if every one has room; ``assuming``
-    ``(scope, key, limit)``: as if that gauge's limit were ``limit``."""
-    for scope, key, gauge in gauges(state, thread_id, agent, organism=organism):
+    ``(budget, limit)``: as if that budget's limit were ``limit``."""
+    for budget, gauge in gauges(state, thread_id, agent, organism=organism):
         limit = gauge.limit
-        if assuming is not None and assuming[0] == scope and (
-                scope == "organism" or assuming[1] == key):
-            limit = assuming[2]
+        if assuming is not None and assuming[0] == budget:
+            limit = assuming[1]
         if limit is not None and gauge.used + gauge.reserved + requested > limit:
             shown = gauge if limit == gauge.limit else Gauge(
                 used=gauge.used, reserved=gauge.reserved, limit=limit,
                 exhausted=gauge.exhausted, prompt_tokens=gauge.prompt_tokens,
                 completion_tokens=gauge.completion_tokens)
-            return Blocker(scope=scope, key=key, agent=agent, gauge=shown, requested=requested)
+            return Blocker(budget=budget, agent=agent, gauge=shown, requested=requested)
     return None
 
 
@@ -236,10 +160,12 @@ def waiting(state: Budgets, thread_id: str, *, organism: str) -> list[Blocker]:
     for agent, hold in state.holds.get(thread_id, {}).items():
         blocker = blocking(state, thread_id, agent, hold.requested, organism=organism)
         if blocker is None:
-            named = {scope: (key, gauge) for scope, key, gauge in
+            named = {budget.scope: (budget, gauge) for budget, gauge in
                      gauges(state, thread_id, agent, organism=organism)}
-            key, gauge = named.get(hold.scope, (hold.key, Gauge()))
-            blocker = Blocker(scope=hold.scope, key=key, agent=agent, gauge=gauge,
+            if hold.scope not in named:
+                continue  # a hold that names no budget (a hand-written record)
+            budget, gauge = named[hold.scope]
+            blocker = Blocker(budget=budget, agent=agent, gauge=gauge,
                               requested=hold.requested)
         found.append(blocker)
     return found
@@ -249,14 +175,15 @@ def raised(state: Budgets, *, scope: str, key: str, max_tokens: int, at: float, 
            organism: str) -> BudgetRaised:
     """The ``BudgetRaised`` that sets the ``scope`` budget (``key``) to ``max_tokens``: it
     names in ``held`` every waiting call it covers that a budget would still refuse."""
+    budget = parse_key(scope, key)
     held = []
     for thread_id, holds in state.holds.items():
-        if not _covers(scope, key, thread_id):
+        if budget is None or not budget.covers(thread_id):
             continue
         for agent, hold in holds.items():
             if blocking(state, thread_id, agent, hold.requested, organism=organism,
-                        assuming=(scope, key, max_tokens)) is not None:
-                held.append(f"{thread_id}|{agent}")
+                        assuming=(budget, max_tokens)) is not None:
+                held.append(ThreadAgentKey(thread_id, agent).key)
     return BudgetRaised(at=at, scope=scope, key=key, max_tokens=max_tokens, by=by,
                         held=tuple(held))
 
@@ -296,8 +223,7 @@ def _(event: TokensReserved, state: Budgets, position: int) -> Budgets:
     state.reservations[event.reservation_id] = Reservation(
         thread_id=event.thread_id, agent=event.agent, tokens=event.tokens)
     _release(state, event.thread_id, event.agent)  # a waiting call of this agent is made
-    for gauge in (state.thread_gauge(event.thread_id), state.agent_gauge(event.agent),
-                  state.organism, thread_agent_gauge(state, event.thread_id, event.agent)):
+    for gauge in _counted(state, event.thread_id, event.agent):
         gauge.reserved += event.tokens
     return state
 
@@ -306,16 +232,12 @@ def _(event: TokensReserved, state: Budgets, position: int) -> Budgets:
 def _(event: TokensUsed, state: Budgets, position: int) -> Budgets:
     held = state.reservations.pop(event.reservation_id, None) if event.reservation_id else None
     tokens = event.input_tokens + event.output_tokens
-    thread = state.thread_gauge(event.thread_id)
-    agent = state.agent_gauge(event.agent)
-    for gauge in (thread, agent, state.organism,
-                  thread_agent_gauge(state, event.thread_id, event.agent)):
+    for gauge in _counted(state, event.thread_id, event.agent):
         gauge.used += tokens
         gauge.prompt_tokens += event.input_tokens
         gauge.completion_tokens += event.output_tokens
     if held is not None:
-        for gauge in (state.thread_gauge(held.thread_id), state.agent_gauge(held.agent),
-                      state.organism, thread_agent_gauge(state, held.thread_id, held.agent)):
+        for gauge in _counted(state, held.thread_id, held.agent):
             gauge.reserved -= held.tokens
     state.usage.add(event)
     for table, key in ((state.usage_by_agent, event.agent), (state.usage_by_model, event.model),
@@ -328,24 +250,11 @@ def _(event: TokensUsed, state: Budgets, position: int) -> Budgets:
     return state
 
 
-def _gauge_of(state: Budgets, scope: str, key: str) -> Gauge | None:
-    if scope == "thread":
-        return state.thread_gauge(key)
-    if scope == "agent":
-        return state.agent_gauge(key)
-    if scope == "organism":
-        return state.organism
-    if scope == "thread-agent" and "|" in key:
-        thread_id, _, agent = key.partition("|")
-        return thread_agent_gauge(state, thread_id, agent)
-    return None
-
-
 @evolve.register
 def _(event: BudgetExhausted, state: Budgets, position: int) -> Budgets:
-    gauge = _gauge_of(state, event.scope, event.key)
-    if gauge is not None:
-        gauge.exhausted = True
+    budget = parse_key(event.scope, event.key)
+    if budget is not None:
+        _gauge(state, budget).exhausted = True
     state.holds.setdefault(event.thread_id, {})[event.agent] = Hold(
         scope=event.scope, key=event.key, requested=event.requested)
     return state
@@ -353,15 +262,17 @@ def _(event: BudgetExhausted, state: Budgets, position: int) -> Budgets:
 
 @evolve.register
 def _(event: BudgetRaised, state: Budgets, position: int) -> Budgets:
-    gauge = _gauge_of(state, event.scope, event.key)
-    if gauge is not None:
-        gauge.limit = event.max_tokens
-        gauge.exhausted = False
-        state.warnings.pop(f"{event.scope}:{event.key}", None)
+    budget = parse_key(event.scope, event.key)
+    if budget is None:
+        return state  # names no budget (a hand-written record): it sets and frees nothing
+    gauge = _gauge(state, budget)
+    gauge.limit = event.max_tokens
+    gauge.exhausted = False
+    state.warnings.pop(str(budget), None)
     held = set(event.held)
-    for thread_id in [t for t in state.holds if _covers(event.scope, event.key, t)]:
+    for thread_id in [t for t in state.holds if budget.covers(t)]:
         for agent in list(state.holds[thread_id]):
-            if f"{thread_id}|{agent}" not in held:
+            if ThreadAgentKey(thread_id, agent).key not in held:
                 _release(state, thread_id, agent)
     return state
 
@@ -370,6 +281,12 @@ def _(event: BudgetRaised, state: Budgets, position: int) -> Budgets:
 def _(event: ThreadKilled, state: Budgets, position: int) -> Budgets:
     state.holds.pop(event.thread_id, None)
     return state
+
+
+def _counted(state: Budgets, thread_id: str, agent: str) -> tuple[Gauge, ...]:
+    """The gauges a call of ``agent`` in ``thread_id`` counts against (created if new)."""
+    return (_gauge(state, ThreadKey(thread_id)), _gauge(state, AgentKey(agent)), state.organism,
+            _gauge(state, ThreadAgentKey(thread_id, agent)))
 
 
 def _release(state: Budgets, thread_id: str, agent: str) -> None:
@@ -388,8 +305,10 @@ def _(event: ModelResponded, state: Budgets, position: int) -> Budgets:
 
 @evolve.register
 def _(event: BudgetWarned, state: Budgets, position: int) -> Budgets:
-    key = f"{event.scope}:{event.key}"
-    state.warnings[key] = max(state.warnings.get(key, 0), event.percent)
+    budget = parse_key(event.scope, event.key)
+    if budget is not None:
+        key = str(budget)
+        state.warnings[key] = max(state.warnings.get(key, 0), event.percent)
     return state
 
 
@@ -410,10 +329,10 @@ def forget_threads(state: Budgets, thread_ids: list[str]) -> None:
         state.threads.pop(thread_id, None)
         state.holds.pop(thread_id, None)
         state.usage_by_thread.pop(thread_id, None)
-        state.warnings.pop(f"thread:{thread_id}", None)
+        state.warnings.pop(str(ThreadKey(thread_id)), None)
         for agent in agents:
-            key = f"{thread_id}|{agent}"
-            if state.thread_agents.pop(key, None) is not None:
-                state.warnings.pop(f"thread-agent:{key}", None)
+            budget = ThreadAgentKey(thread_id, agent)
+            if state.thread_agents.pop(budget.key, None) is not None:
+                state.warnings.pop(str(budget), None)
         for key in state.thread_responses.pop(thread_id, ()):
             state.responses.pop(key, None)

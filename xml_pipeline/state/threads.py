@@ -38,6 +38,7 @@ from xml_pipeline.events import (
     ThreadCompleted,
     ThreadKilled,
 )
+from xml_pipeline.state.budget_keys import ThreadAgentKey, parse_key
 
 __all__ = [
     "FINAL", "KEEP_ENDED", "KEEP_KEYS", "MessageInfo", "ThreadInfo", "Threads", "evolve", "kill",
@@ -336,9 +337,13 @@ def _(event: BudgetExhausted, state: Threads, position: int) -> Threads:
 
 @evolve.register
 def _(event: BudgetRaised, state: Threads, position: int) -> Threads:
-    held = {key.partition("|")[0] for key in event.held}  # still paused by some budget
-    if event.scope in ("thread", "thread-agent"):
-        thread_id = event.key.partition("|")[0]
+    budget = parse_key(event.scope, event.key)
+    if budget is None:
+        return state  # names no budget (a hand-written record): it frees nothing
+    held = {call.thread_id for call in map(ThreadAgentKey.parse, event.held)
+            if call is not None}  # still paused by some budget
+    if budget.thread_id is not None:
+        thread_id = budget.thread_id
         thread = _touch(state, thread_id, event.at)
         if thread is not None and thread.status == "paused" and thread_id not in held:
             thread.status = "active"

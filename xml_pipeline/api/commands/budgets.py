@@ -16,6 +16,7 @@ from xml_pipeline.api.views import budgets as budget_views
 from xml_pipeline.api.views.threads import no_thread
 from xml_pipeline.api.views.usage import agent_usage
 from xml_pipeline.pump import Pump
+from xml_pipeline.state.budget_keys import ThreadAgentKey
 
 __all__ = ["agent_budget", "organism_budget", "thread_budget"]
 
@@ -90,8 +91,8 @@ async def thread_budget(request: Request) -> Response:
         await pump.raise_budget("thread", thread_id, value, by=caller(request))
     else:
         _agent(pump, agent)
-        await pump.raise_budget("thread-agent", f"{thread_id}|{agent}", value,
-                                by=caller(request))
+        budget = ThreadAgentKey(thread_id, agent)
+        await pump.raise_budget(budget.scope, budget.key, value, by=caller(request))
     body = budget_views.thread_budget(pump, thread_id)
     body["still_held_by"] = body["stopped_by"]
     body["resumed"] = budget_views.still_held(pump, before, thread_id=thread_id)["resumed"]

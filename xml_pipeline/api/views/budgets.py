@@ -12,6 +12,13 @@ from __future__ import annotations
 from typing import Any
 
 from xml_pipeline.pump import Pump
+from xml_pipeline.state.budget_keys import (
+    AgentKey,
+    BudgetKey,
+    OrganismKey,
+    ThreadAgentKey,
+    ThreadKey,
+)
 from xml_pipeline.state.budgets import Blocker, Gauge, waiting
 
 __all__ = ["budget_summary", "held", "still_held", "thread_budget"]
@@ -24,9 +31,9 @@ _ROUTES = {
 }
 
 
-def _gauge(scope: str, key: str, agent: str | None, gauge: Gauge, *, holding: bool
-           ) -> dict[str, Any]:
-    return {"scope": scope, "key": key, "agent": agent, "limit": gauge.limit,
+def _gauge(budget: BudgetKey, gauge: Gauge, *, holding: bool) -> dict[str, Any]:
+    agent = budget.agent if isinstance(budget, ThreadAgentKey | AgentKey) else None
+    return {"scope": budget.scope, "key": budget.key, "agent": agent, "limit": gauge.limit,
             "used": gauge.used, "reserved": gauge.reserved, "remaining": gauge.remaining,
             "percent_used": gauge.percent_used, "is_exhausted": gauge.exhausted,
             "holding": holding}
@@ -69,7 +76,7 @@ def _agents_in(pump: Pump, thread_id: str) -> list[str]:
     names = [name for name, listener in pump.organism.listeners.items()
              if listener.agent is not None and (
                  name in taking_part or name in holds
-                 or f"{thread_id}|{name}" in budgets.thread_agents)]
+                 or ThreadAgentKey(thread_id, name).key in budgets.thread_agents)]
     return names + [name for name in holds if name not in names]
 
 
@@ -77,15 +84,13 @@ def thread_budget(pump: Pump, thread_id: str) -> dict[str, Any]:
     """The budget view of ``thread_id`` (which the caller knows exists)."""
     budgets = pump.state.budgets
     organism = pump.organism.name
-    gauge = budgets.thread_gauge_or_new(thread_id)
+    own = ThreadKey(thread_id)
+    gauge = budgets.gauge(own)
     blockers = waiting(budgets, thread_id, organism=organism)
-    holding = {(b.scope, b.key) for b in blockers}
+    holding = {b.budget for b in blockers}
     agents = _agents_in(pump, thread_id)
-    listed: list[tuple[str, str, str | None, Gauge]] = [("thread", thread_id, None, gauge)]
-    listed += [("thread-agent", f"{thread_id}|{name}", name,
-                budgets.thread_agent_gauge_or_new(thread_id, name)) for name in agents]
-    listed += [("agent", name, name, budgets.agent_gauge_or_new(name)) for name in agents]
-    listed.append(("organism", organism, None, budgets.organism))
+    listed: list[BudgetKey] = [own, *(ThreadAgentKey(thread_id, name) for name in agents),
+                               *(AgentKey(name) for name in agents), OrganismKey(organism)]
     info = pump.state.threads.threads.get(thread_id)
     stops = [held(thread_id, blocker) for blocker in blockers]
     return {"thread_id": thread_id, "max_tokens": gauge.limit,
@@ -93,10 +98,10 @@ def thread_budget(pump: Pump, thread_id: str) -> dict[str, Any]:
             "total_tokens": gauge.used, "reserved_tokens": gauge.reserved,
             "remaining": gauge.remaining, "percent_used": gauge.percent_used,
             "is_exhausted": bool(blockers),
-            "warning": budgets.warnings.get(f"thread:{thread_id}"),
+            "warning": budgets.warnings.get(str(own)),
             "status": info.status if info is not None else None,
-            "gauges": [_gauge(scope, key, agent, g, holding=(scope, key) in holding)
-                       for scope, key, agent, g in listed],
+            "gauges": [_gauge(budget, budgets.gauge(budget), holding=budget in holding)
+                       for budget in listed],
             "stopped_by": stops[0] if stops else None,
             "waiting": stops}
 

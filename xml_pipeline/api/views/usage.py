@@ -13,6 +13,7 @@ from xml_pipeline.api.views.agents import find_listener
 from xml_pipeline.api.views.budgets import budget_summary, thread_budget
 from xml_pipeline.api.views.threads import find_thread
 from xml_pipeline.pump import Pump
+from xml_pipeline.state.budget_keys import AgentKey
 from xml_pipeline.state.budgets import UsageTotals
 
 __all__ = ["agent_usage", "usage", "usage_agent", "usage_model", "usage_thread",
@@ -99,7 +100,7 @@ async def usage_agent(request: Request) -> Response:
 def agent_usage(pump: Pump, name: str) -> dict[str, Any]:
     budgets = pump.state.budgets
     return {"agent": name, **usage_totals(budgets.usage_by_agent.get(name)),
-            "budget": budget_summary(budgets.agent_gauge_or_new(name))}
+            "budget": budget_summary(budgets.gauge(AgentKey(name)))}
 
 
 async def usage_model(request: Request) -> Response:

@@ -24,9 +24,7 @@ from starlette.routing import Mount, Route
 
 from xml_pipeline.api import commands, stream, views
 from xml_pipeline.api.metrics import Observer, metrics
-from xml_pipeline.api.middleware.body import BodyLimitMiddleware
-from xml_pipeline.api.middleware.guard import GuardMiddleware
-from xml_pipeline.api.middleware.limits import RequestLimitMiddleware
+from xml_pipeline.api.middleware.guard import Guard
 from xml_pipeline.api.openapi import document
 from xml_pipeline.api.responses import ApiError, JSONResponse, error_response
 from xml_pipeline.config import Organism
@@ -184,12 +182,11 @@ def create_app(organism: Organism, *, data: Path | None = None, token: str | Non
 
     limit = max_body if max_body is not None else organism.limits.max_bytes
     middleware = [
-        Middleware(GuardMiddleware, token=token),
         # The limits in force are the running organism's: a reload changes them.
-        Middleware(RequestLimitMiddleware, limit=lambda: _max_requests(app),
-                   body_timeout=lambda: _body_timeout(app), max_body=lambda: limit,
-                   exempt=("/api/v1/events", "/health", "/metrics")),
-        Middleware(BodyLimitMiddleware, limit=limit, exempt=("/api/v1/inject",)),
+        Middleware(Guard, token=token, limit=lambda: _max_requests(app),
+                   body_timeout=lambda: _body_timeout(app), max_body=limit,
+                   uncounted=("/api/v1/events", "/health", "/metrics"),
+                   self_limited=("/api/v1/inject",)),
     ]
     routes = [
         Mount("/api/v1", routes=[

@@ -23,10 +23,11 @@ from starlette.responses import Response
 from starlette.routing import Mount, Route
 
 from xml_pipeline.api import commands, stream, views
+from xml_pipeline.api.commands import inject
 from xml_pipeline.api.metrics import Observer, metrics
 from xml_pipeline.api.middleware.guard import Guard
 from xml_pipeline.api.openapi import document
-from xml_pipeline.api.responses import ApiError, JSONResponse, error_response
+from xml_pipeline.api.responses import ApiError, JSONResponse, client_gone, error_response
 from xml_pipeline.config import Organism
 from xml_pipeline.errors import XmlPipelineError
 from xml_pipeline.log import open_log
@@ -83,10 +84,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 async def _client_gone(request: Request, exc: Exception) -> Response:
-    # The client hung up while sending its body: the answer reaches nobody, and nothing broke.
-    return error_response(request, ApiError(
-        "client_disconnected", "The client disconnected before sending the whole request body; "
-                               "send it again."))
+    return error_response(request, client_gone())
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
@@ -186,7 +184,9 @@ def create_app(organism: Organism, *, data: Path | None = None, token: str | Non
         Middleware(Guard, token=token, limit=lambda: _max_requests(app),
                    body_timeout=lambda: _body_timeout(app), max_body=limit,
                    uncounted=("/api/v1/events", "/health", "/metrics"),
-                   self_limited=("/api/v1/inject",)),
+                   self_limited=("/api/v1/inject",),
+                   # The load is on inject: it skips Starlette's routing and request.
+                   direct={("POST", "/api/v1/inject"): inject.direct}),
     ]
     routes = [
         Mount("/api/v1", routes=[

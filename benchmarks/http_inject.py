@@ -2,7 +2,7 @@
 Starlette endpoint, in the same run, taking turns.
 
     python benchmarks/http_inject.py [--rounds 3] [--seconds 10] [--connections 32]
-                                     [--loop asyncio|uvloop]
+                                     [--loop asyncio|uvloop] [--before DIR]
 
 Both servers run in child processes on uvicorn (uvloop, httptools); the load comes from
 ``wrk`` (the Debian package: ``apt-get install wrk``), one thread, keep-alive connections.
@@ -16,7 +16,10 @@ Both servers run in child processes on uvicorn (uvloop, httptools); the load com
 
 Each round runs bare then product for ``--seconds`` each; it prints requests per second, the
 latency percentiles wrk reports and every answer that was not 2xx, then the median ratio
-product/bare. Nothing here asserts a time.
+product/bare. With ``--before DIR`` (a folder holding another version's ``xml_pipeline``
+package, say ``git archive REV xml_pipeline | tar -x -C DIR``), each round also runs that
+version (``before``) between the two, so that a change is measured against the code it
+changes in the same run. Nothing here asserts a time.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from chaos import free_port, spawn  # noqa: E402
+from chaos import Server, free_port, spawn  # noqa: E402
 from soak import BASELINE_APP  # noqa: E402
 
 ORGANISM = """\
@@ -110,13 +113,31 @@ def line(name: str, figures: dict[str, str]) -> str:
             f"p99 {figures['p99']:>8}{extra}")
 
 
+async def start(name: str, folder: Path, organism: Path, args: argparse.Namespace
+                ) -> tuple[Server, int]:
+    """Start ``name`` (bare, before or product) on a free port; the server and the port."""
+    port = free_port()
+    if name == "bare":
+        return await spawn(["-c", BASELINE_APP, str(port)], cwd=folder), port
+    shutil.rmtree(folder / "events", ignore_errors=True)
+    command = ["-m", "xml_pipeline", "run", str(organism), "--port", str(port),
+               "--no-access-log", "--loop", args.loop]
+    if name == "before":
+        # The older package comes first on the path, ahead of the installed one.
+        command = ["-c", f"import sys, runpy; sys.path.insert(0, {str(args.before)!r}); "
+                   "sys.argv[1:] = " + repr(command[2:]) + "; "
+                   "runpy.run_module('xml_pipeline', run_name='__main__')"]
+    return await spawn(command, cwd=folder), port
+
+
 async def bench(folder: Path, args: argparse.Namespace) -> None:
     token = secrets.token_urlsafe(24)
     os.environ["XML_PIPELINE_API_TOKEN"] = token  # inherited by the product's process
     organism = write_organism(folder)
     bare_script = wrk_script(folder, "bare", None)
     product_script = wrk_script(folder, "product", token)
-    ratios = []
+    names = ("bare", "before", "product") if args.before else ("bare", "product")
+    ratios: dict[str, list[float]] = {name: [] for name in names[1:]}
     print(f"HTTP inject: {args.connections} connections, {args.seconds:g} s per run, "
           f"{args.rounds} rounds, wrk -t1, product on {args.loop}, "
           f"python {sys.version.split()[0]}, "
@@ -124,30 +145,24 @@ async def bench(folder: Path, args: argparse.Namespace) -> None:
     for round_number in range(1, args.rounds + 1):
         print(f"round {round_number}")
         figures = {}
-        for name in ("bare", "product"):
-            port = free_port()
-            if name == "bare":
-                server = await spawn(["-c", BASELINE_APP, str(port)], cwd=folder)
-            else:
-                shutil.rmtree(folder / "events", ignore_errors=True)
-                server = await spawn(["-m", "xml_pipeline", "run", str(organism), "--port",
-                                      str(port), "--no-access-log", "--loop", args.loop],
-                                     cwd=folder)
+        for name in names:
+            server, port = await start(name, folder, organism, args)
             drain = asyncio.ensure_future(server.drain())
             try:
                 script = bare_script if name == "bare" else product_script
-                figures[name] = await load(f"http://127.0.0.1:{port}/api/v1/inject", script,
-                                           args.seconds, args.connections)
+                figures[name] = await load(f"http://127.0.0.1:{port}/api/v1/inject",
+                                           script, args.seconds, args.connections)
             finally:
                 server.kill()
                 await server.process.wait()
                 await drain
             print(line(name, figures[name]))
-        ratio = float(figures["product"]["rps"]) / float(figures["bare"]["rps"])
-        ratios.append(ratio)
-        print(f"  product/bare = {ratio:.2f}x")
-    print(f"median product/bare over {args.rounds} rounds: {statistics.median(ratios):.2f}x "
-          f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)})")
+        for name, found in ratios.items():
+            found.append(float(figures[name]["rps"]) / float(figures["bare"]["rps"]))
+            print(f"  {name}/bare = {found[-1]:.2f}x")
+    for name, found in ratios.items():
+        print(f"median {name}/bare over {args.rounds} rounds: {statistics.median(found):.2f}x "
+              f"(rounds: {', '.join(f'{r:.2f}' for r in found)})")
 
 
 def main() -> None:
@@ -157,6 +172,8 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio",
                         help="the product's event loop (xml-pipeline run --loop)")
+    parser.add_argument("--before", type=Path,
+                        help="a folder with another version's xml_pipeline package, run too")
     parser.add_argument("--dir", help="where the organism and its log go (default: a temp dir)")
     args = parser.parse_args()
     if shutil.which("wrk") is None:

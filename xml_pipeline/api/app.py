@@ -23,12 +23,11 @@ from starlette.responses import Response
 from starlette.routing import Mount, Route
 
 from xml_pipeline.api import commands, stream, views
+from xml_pipeline.api.commands import inject
 from xml_pipeline.api.metrics import Observer, metrics
-from xml_pipeline.api.middleware.body import BodyLimitMiddleware
-from xml_pipeline.api.middleware.guard import GuardMiddleware
-from xml_pipeline.api.middleware.limits import RequestLimitMiddleware
+from xml_pipeline.api.middleware.guard import Guard
 from xml_pipeline.api.openapi import document
-from xml_pipeline.api.responses import ApiError, JSONResponse, error_response
+from xml_pipeline.api.responses import ApiError, JSONResponse, client_gone, error_response
 from xml_pipeline.config import Organism
 from xml_pipeline.errors import XmlPipelineError
 from xml_pipeline.log import open_log
@@ -85,10 +84,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 async def _client_gone(request: Request, exc: Exception) -> Response:
-    # The client hung up while sending its body: the answer reaches nobody, and nothing broke.
-    return error_response(request, ApiError(
-        "client_disconnected", "The client disconnected before sending the whole request body; "
-                               "send it again."))
+    return error_response(request, client_gone())
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
@@ -184,12 +180,13 @@ def create_app(organism: Organism, *, data: Path | None = None, token: str | Non
 
     limit = max_body if max_body is not None else organism.limits.max_bytes
     middleware = [
-        Middleware(GuardMiddleware, token=token),
         # The limits in force are the running organism's: a reload changes them.
-        Middleware(RequestLimitMiddleware, limit=lambda: _max_requests(app),
-                   body_timeout=lambda: _body_timeout(app), max_body=lambda: limit,
-                   exempt=("/api/v1/events", "/health", "/metrics")),
-        Middleware(BodyLimitMiddleware, limit=limit, exempt=("/api/v1/inject",)),
+        Middleware(Guard, token=token, limit=lambda: _max_requests(app),
+                   body_timeout=lambda: _body_timeout(app), max_body=limit,
+                   uncounted=("/api/v1/events", "/health", "/metrics"),
+                   self_limited=("/api/v1/inject",),
+                   # The load is on inject: it skips Starlette's routing and request.
+                   direct={("POST", "/api/v1/inject"): inject.direct}),
     ]
     routes = [
         Mount("/api/v1", routes=[

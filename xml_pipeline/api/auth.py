@@ -6,17 +6,18 @@
 - Without a token, only this machine's own clients and this server's own pages may use the
   API (``LocalOnlyCheck``).
 
-Each check looks at a connection's scope and answers a ``Refusal`` or None; the guard
+Each check looks at a connection's scope and the headers it reads (the first of each name, as
+raw bytes: ``middleware.guard.header_fields``) and answers a ``Refusal`` or None; the guard
 middleware (``xml_pipeline.api.middleware.guard``) runs them and sends the refusal.
 """
 
 from __future__ import annotations
 
 import hmac
+from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from starlette.datastructures import Headers
 from starlette.types import Scope, Send
 
 from xml_pipeline.api.responses import send_error
@@ -50,13 +51,13 @@ class TokenCheck:
     def __init__(self, token: str | None) -> None:
         self._token = token.encode("utf-8") if token else None
 
-    def _allowed(self, scope: Scope) -> bool:
+    def _allowed(self, scope: Scope, fields: Mapping[bytes, bytes]) -> bool:
         if self._token is None:
             return True
         path: str = scope.get("path", "")
         if not path.startswith(_PROTECTED):
             return True
-        header = Headers(scope=scope).get("authorization", "")
+        header = fields.get(b"authorization", b"").decode("latin-1")
         scheme, _, given = header.partition(" ")
         if scheme.lower() != "bearer" or not given:
             # Compare anyway, so that a missing header costs the same as a wrong one.
@@ -64,8 +65,8 @@ class TokenCheck:
             return False
         return hmac.compare_digest(self._token, given.strip().encode("utf-8", "replace"))
 
-    def refusal(self, scope: Scope) -> Refusal | None:
-        if self._allowed(scope):
+    def refusal(self, scope: Scope, fields: Mapping[bytes, bytes]) -> Refusal | None:
+        if self._allowed(scope, fields):
             return None
         return Refusal(401, "unauthorized", "A valid 'Authorization: Bearer <token>' header is "
                        f"required (the token is the server's {TOKEN_ENV}).",
@@ -123,13 +124,13 @@ class LocalOnlyCheck:
     def __init__(self, token: str | None) -> None:
         self.active = not token
 
-    def refusal(self, scope: Scope) -> Refusal | None:
+    def refusal(self, scope: Scope, fields: Mapping[bytes, bytes]) -> Refusal | None:
         if not self.active:
             return None
-        headers = Headers(scope=scope)
-        host_header = headers.get("host", "127.0.0.1")
+        host_header = fields.get(b"host", b"127.0.0.1").decode("latin-1")
         host = _hostname(host_header)
-        origin = headers.get("origin")
+        origin_header = fields.get(b"origin")
+        origin = None if origin_header is None else origin_header.decode("latin-1")
         own = _own_origin(scope, host_header.strip())
         if host in _LOOPBACK_NAMES and (origin is None or _same_origin(origin, own)):
             return None

@@ -12,6 +12,7 @@ import re
 import sys
 from typing import Any
 
+import msgspec
 from starlette.requests import HTTPConnection, Request
 
 from xml_pipeline.api.responses import ApiError
@@ -65,6 +66,13 @@ def parse_json(raw: bytes) -> Any:
     and where. Its strings are Unicode text: a lone surrogate escape (``"\\ud800"``) is refused
     here, since the log could not store it nor a response carry it."""
     try:
+        # msgspec first (a tenth of json's time): it takes no lone surrogate, NaN, BOM, other
+        # encoding or huge number, so what it takes json would take the same. What it refuses
+        # goes to json, for json's answer and its message.
+        return _fast_decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        pass
+    try:
         data = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise ApiError("invalid_json",
@@ -92,6 +100,8 @@ def parse_json(raw: bytes) -> Any:
                        details={"field": where})
     return data
 
+
+_fast_decode = msgspec.json.Decoder().decode
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 

@@ -22,6 +22,8 @@ __all__ = [
     "ApiError",
     "JSONResponse",
     "STATUS_BY_CODE",
+    "client_gone",
+    "encode",
     "error_response",
     "listing",
     "send_error",
@@ -30,6 +32,8 @@ __all__ = [
 ]
 
 _encoder = msgspec.json.Encoder()
+#: a JSON body's bytes
+encode = _encoder.encode
 
 #: The HTTP status of each error code.
 STATUS_BY_CODE: dict[str, int] = {
@@ -103,6 +107,13 @@ class ApiError(Exception):
         if retry_after is not None:
             headers["Retry-After"] = str(max(1, round(retry_after)))
         return cls(exc.code, exc.message, details=details or None, headers=headers)
+
+
+def client_gone() -> ApiError:
+    """The answer to a client that hung up while sending its body: it reaches nobody, and
+    nothing broke."""
+    return ApiError("client_disconnected", "The client disconnected before sending the whole "
+                                           "request body; send it again.")
 
 
 def request_id(conn: HTTPConnection) -> str | None:

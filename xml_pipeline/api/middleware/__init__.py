@@ -1,12 +1,9 @@
-"""The request guards, as plain ASGI middleware, outermost first.
+"""The request guards, in one pure-ASGI layer in front of every endpoint.
 
-- ``guard.GuardMiddleware``: an ``X-Request-ID`` on every answer, then who may use the API
-  (the token or, without one, this machine: ``xml_pipeline.api.auth``).
-- ``limits.RequestLimitMiddleware``: at most ``organism.api.max_requests`` requests are
-  handled at once; more get 503 with ``Retry-After``, so overload never queues without bound.
-  A request counts once its body is complete, and a body must arrive within
-  ``organism.api.body_timeout`` (408 after it), so that slow senders cannot hold the slots
-  that other clients need.
-- ``body.BodyLimitMiddleware``: request bodies are capped; a larger body gets 413 before the
-  endpoint sees it.
+- ``guard.Guard``: an ``X-Request-ID`` on every answer, who may use the API (the token or,
+  without one, this machine: ``xml_pipeline.api.auth``), at most ``organism.api.max_requests``
+  requests handled at once (503 with ``Retry-After`` past them), request bodies within
+  ``organism.api.body_timeout`` (408 after it) and under the size cap (413).
+- ``limits.Exchange``: one request's ``receive`` and ``send`` with those rules applied: its
+  slot, its body's deadline and size, the connection closed after an early answer.
 """

@@ -1,60 +1,170 @@
-"""The bound on requests in progress, and on the time and slots that request bodies take."""
+"""One request's passage through the guard: its slot, its body's time and size, its answer.
+
+An ``Exchange`` is what the guard (``guard.Guard``) hands the application as ``receive`` and
+``send``, in place of the server's: one wrapper for every rule, instead of one per rule.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
 
-from starlette.datastructures import Headers
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Send
 
-from xml_pipeline.api.middleware.body import declared_over
-from xml_pipeline.api.responses import send_error
+__all__ = ["BodyTimeoutError", "BusyError", "Counter", "Exchange", "TooLargeError",
+           "declared_over"]
 
-__all__ = ["RequestLimitMiddleware"]
-
-
-def _has_body(scope: Scope) -> bool:
-    headers = Headers(scope=scope)
-    length = headers.get("content-length")
-    return (length is not None and length.strip() != "0") or "transfer-encoding" in headers
-
-
-class _Busy(Exception):
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-class _BodyTimeout(Exception):
-    pass
-
-
-_HANDLING = "handling"
-_RECEIVING = "receiving"
 _CLOSE = (b"connection", b"close")
 #: how long, and how much, of a body is still read after an early answer before the close
 _DRAIN_SECONDS = 1.0
 _DRAIN_BYTES = 16 * 1024 * 1024
 
 
-def _closing(receive: Receive, send: Send, until: float) -> Send:
-    """``send`` for an answer given before the request body was read to the end: it closes
-    the connection, after reading (and dropping) what still comes of the body until
-    ``until`` or ``_DRAIN_BYTES``. Closing a socket with unread data in it resets the
-    connection, and a client still sending would lose the answer."""
+def declared_over(length: bytes | None, limit: int) -> bool:
+    """Whether a Content-Length header is over ``limit`` (or not a number): refused with 413
+    on the header, without reading the body."""
+    return length is not None and (not length.isdigit() or int(length) > limit)
 
-    async def closing_send(message: Message) -> None:
-        if message["type"] == "http.response.start":
-            message["headers"] = [*message.get("headers", []), _CLOSE]
-        elif message["type"] == "http.response.body" and not message.get("more_body"):
-            await send({**message, "more_body": True})
-            await _drain(receive, until)
+
+class BusyError(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BodyTimeoutError(Exception):
+    pass
+
+
+class TooLargeError(Exception):
+    pass
+
+
+class Counter:
+    """The slots of one server: requests being handled, and bodies still arriving."""
+
+    __slots__ = ("handling", "receiving")
+
+    def __init__(self) -> None:
+        self.handling = 0
+        self.receiving = 0
+
+
+def busy_message(handling: bool, limit: int) -> str:
+    what = f"handling {limit} requests" if handling else f"receiving {limit} request bodies"
+    return (f"The server is {what} already (organism.api.max_requests); retry after "
+            "Retry-After seconds.")
+
+
+class Exchange:
+    """``receive`` and ``send`` for one request, with the guard's rules applied.
+
+    - ``send`` adds ``X-Request-ID`` to the answer. Once ``close_after`` is set (an answer
+      given before the request body was read to the end), it also closes the connection,
+      after reading (and dropping) what still comes of the body until that time or
+      ``_DRAIN_BYTES``: closing a socket with unread data in it resets the connection, and a
+      client still sending would lose the answer.
+    - With ``cap`` set, a body over ``cap`` bytes raises ``TooLargeError`` from ``receive``.
+    - With ``deadline`` set (``track``), the body must arrive by then (``BodyTimeoutError``),
+      and the request holds a slot of ``counter``: a receiving one while its body is still
+      arriving, a handling one once it is complete; a slot that is full raises
+      ``BusyError``. An answer before the body is complete gives the slot back.
+    """
+
+    __slots__ = ("_receive", "_send", "_header", "counter", "limit", "cap", "seen",
+                 "deadline", "slot", "complete", "started", "first", "close_after")
+
+    def __init__(self, receive: Receive, send: Send, header: tuple[bytes, bytes]) -> None:
+        self._receive = receive
+        self._send = send
+        self._header = header
+        self.counter: Counter | None = None
+        self.limit = 0
+        self.cap: int | None = None
+        self.seen = 0
+        self.deadline: float | None = None
+        self.slot: bool | None = None  # True: handling, False: receiving, None: none
+        self.complete = True
+        self.started = False
+        self.first: Message | None = None
+        self.close_after: float | None = None
+
+    def closing(self, seconds: float) -> None:
+        """Close the connection after the answer, draining the body for ``seconds`` at most."""
+        self.close_after = asyncio.get_running_loop().time() + seconds
+
+    # ------------------------------------------------------------ slots and body time
+
+    def track(self, counter: Counter, limit: int, deadline: float) -> None:
+        self.counter, self.limit, self.deadline = counter, limit, deadline
+        self.complete = False
+
+    def _take(self, handling: bool) -> None:
+        if self.slot is handling:
+            return
+        counter = self.counter
+        assert counter is not None
+        if (counter.handling if handling else counter.receiving) >= self.limit:
+            raise BusyError(busy_message(handling, self.limit))
+        self.release()
+        if handling:
+            counter.handling += 1
+        else:
+            counter.receiving += 1
+        self.slot = handling
+
+    def release(self) -> None:
+        counter = self.counter
+        if counter is not None and self.slot is not None:
+            if self.slot:
+                counter.handling -= 1
+            else:
+                counter.receiving -= 1
+        self.slot = None
+
+    async def next_part(self) -> Message:
+        """The next message of the body, by the deadline; takes the slot it then needs."""
+        try:
+            async with asyncio.timeout_at(self.deadline):
+                message = await self._receive()
+        except TimeoutError:
+            raise BodyTimeoutError from None
+        self.complete = message["type"] != "http.request" or not message.get("more_body")
+        self._take(self.complete)
+        return message
+
+    # ------------------------------------------------------------ the ASGI callables
+
+    async def receive(self) -> Message:
+        if self.first is not None:
+            message, self.first = self.first, None
+        elif self.complete:
+            message = await self._receive()
+        else:
+            message = await self.next_part()
+        if self.cap is not None and message["type"] == "http.request":
+            self.seen += len(message.get("body", b""))
+            if self.seen > self.cap:
+                raise TooLargeError
+        return message
+
+    async def send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            self.started = True
+            if not self.complete:  # answered early: the slot goes, the rest is dropped
+                self.release()
+                assert self.deadline is not None
+                loop_time = asyncio.get_running_loop().time()
+                self.close_after = min(self.deadline, loop_time + _DRAIN_SECONDS)
+            extra = [_CLOSE, self._header] if self.close_after is not None else [self._header]
+            message["headers"] = [*message.get("headers", ()), *extra]
+        elif (kind == "http.response.body" and self.close_after is not None
+              and not message.get("more_body")):
+            await self._send({**message, "more_body": True})
+            await _drain(self._receive, self.close_after)
             message = {"type": "http.response.body", "body": b""}
-        await send(message)
-
-    return closing_send
+        await self._send(message)
 
 
 async def _drain(receive: Receive, until: float) -> None:
@@ -66,144 +176,3 @@ async def _drain(receive: Receive, until: float) -> None:
                 if message["type"] != "http.request" or not message.get("more_body"):
                     return
                 seen += len(message.get("body", b""))
-
-
-class RequestLimitMiddleware:
-    """Bound the requests in progress, without letting slow clients hold the slots.
-
-    - At most ``limit()`` requests (``organism.api.max_requests``) are handled at once. A
-      request counts from the moment its body is complete (at once if it has none); while
-      ``limit()`` are handled, more get 503 ``busy`` with ``Retry-After``, before their body
-      is read if they arrive then.
-    - A body must arrive within ``body_timeout()`` seconds (``organism.api.body_timeout``) of
-      the headers; a slower one gets 408 ``body_timeout``.
-    - A body that is still arriving after its first part holds one of another ``limit()``
-      slots, kept for bodies in transit: slow senders can crowd out only other slow senders,
-      and each for ``body_timeout`` at most, never reads nor clients that send their body at
-      once. A request whose body has not begun holds its connection only.
-    - A response sent before the body was read to the end closes the connection, after
-      dropping what of the body still comes within a second.
-    - A request whose Content-Length is over ``max_body()`` goes on at once, to be refused on
-      its header (413) by the layer below: it waits for no body.
-
-    Event streams, ``/health`` and ``/metrics`` are not counted: streams are long-lived and
-    have their own rules, and monitoring must see an overloaded server."""
-
-    def __init__(self, app: ASGIApp, *, limit: Callable[[], int],
-                 body_timeout: Callable[[], float], max_body: Callable[[], int],
-                 exempt: tuple[str, ...] = ()) -> None:
-        self.app = app
-        self.limit = limit  # read at each request: a reload may change it
-        self.body_timeout = body_timeout
-        self.max_body = max_body
-        self.exempt = exempt
-        self.in_progress = 0
-        self.receiving = 0
-
-    def _busy(self, slot: str, limit: int) -> str:
-        what = (f"handling {limit} requests" if slot == _HANDLING
-                else f"receiving {limit} request bodies")
-        return (f"The server is {what} already (organism.api.max_requests); retry after "
-                "Retry-After seconds.")
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("path") in self.exempt:
-            await self.app(scope, receive, send)
-            return
-        limit = self.limit()
-        body = _has_body(scope)
-        if self.in_progress >= limit:
-            if body:  # not read: the connection cannot serve another request after it
-                until = asyncio.get_running_loop().time() + min(self.body_timeout(),
-                                                                _DRAIN_SECONDS)
-                send = _closing(receive, send, until)
-            await send_error(scope, send, 503, "busy", self._busy(_HANDLING, limit),
-                              [(b"retry-after", b"1")])
-            return
-        if not body or declared_over(scope, self.max_body()):
-            if body:  # refused on its Content-Length below, at once: not waited for
-                until = asyncio.get_running_loop().time() + min(self.body_timeout(),
-                                                                _DRAIN_SECONDS)
-                send = _closing(receive, send, until)
-            self.in_progress += 1
-            try:
-                await self.app(scope, receive, send)
-            finally:
-                self.in_progress -= 1
-            return
-        await self._call_with_body(scope, receive, send)
-
-    async def _call_with_body(self, scope: Scope, receive: Receive, send: Send) -> None:
-        timeout = self.body_timeout()
-        deadline = asyncio.get_running_loop().time() + timeout
-        slot: str | None = None
-        complete = started = False
-        first: Message | None = None
-
-        def take(wanted: str) -> None:
-            nonlocal slot
-            if slot == wanted:
-                return
-            limit = self.limit()
-            if (self.in_progress if wanted == _HANDLING else self.receiving) >= limit:
-                raise _Busy(self._busy(wanted, limit))
-            release()
-            if wanted == _HANDLING:
-                self.in_progress += 1
-            else:
-                self.receiving += 1
-            slot = wanted
-
-        def release() -> None:
-            nonlocal slot
-            if slot == _HANDLING:
-                self.in_progress -= 1
-            elif slot == _RECEIVING:
-                self.receiving -= 1
-            slot = None
-
-        async def next_part() -> Message:
-            nonlocal complete
-            try:
-                async with asyncio.timeout_at(deadline):
-                    message = await receive()
-            except TimeoutError:
-                raise _BodyTimeout from None
-            complete = message["type"] != "http.request" or not message.get("more_body")
-            take(_HANDLING if complete else _RECEIVING)
-            return message
-
-        async def limited_receive() -> Message:
-            nonlocal first
-            if first is not None:
-                message, first = first, None
-                return message
-            return await (receive() if complete else next_part())
-
-        closing: Send | None = None
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started, closing
-            if message["type"] == "http.response.start":
-                started = True
-                if not complete:  # answered early: the slot goes, the rest is dropped
-                    release()
-                    loop_time = asyncio.get_running_loop().time()
-                    closing = _closing(receive, send, min(deadline, loop_time + _DRAIN_SECONDS))
-            await (closing or send)(message)
-
-        try:
-            first = await next_part()
-            await self.app(scope, limited_receive, tracking_send)
-        except _BodyTimeout:
-            if not started:
-                await send_error(scope, send, 408, "body_timeout",
-                                  f"The request body did not arrive within {timeout:g} seconds "
-                                  "(organism.api.body_timeout); send the whole body at once.",
-                                  [_CLOSE])
-        except _Busy as busy:
-            if not started:
-                await send_error(scope, tracking_send, 503, "busy", busy.message,
-                                  [(b"retry-after", b"1")])
-        finally:
-            release()

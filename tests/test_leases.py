@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import sys
 from collections.abc import AsyncIterator
@@ -234,11 +235,18 @@ async def test_a_kill_revokes_the_lease_of_a_handler_in_flight(
     accepted = await pump.inject(item(1), to="blocker")
     await pump.wait_until(lambda: len(handlers.contexts) == 1)
     (ctx,) = handlers.contexts
+    held = pump.statistics()
+    blocker = next(entry for entry in held.listeners if entry.name == "blocker")
+    assert (held.leases, held.idle, blocker.leased, blocker.in_flight) == (1, False, 1, 1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        held.leases = 0  # type: ignore[misc]
     assert await pump.kill_thread(accepted.thread_id, by="test")
     await pump.wait_idle()
     with pytest.raises(LeaseLostError):
         await ctx.send("sink", item(2))
     assert pump.state.scheduling.leases == {}
+    after = pump.statistics()
+    assert (after.leases, after.idle, after.position) == (0, True, log.last_position)
     assert pump.state.threads.threads[accepted.thread_id].status == "killed"
     assert [e.message_id for e in await events(log, MessageDropped)] == [accepted.message_id]
     assert [m.to for m in await events(log, MessageAccepted)] == ["blocker"]

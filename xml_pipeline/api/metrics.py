@@ -61,11 +61,15 @@ async def metrics(request: Request) -> Response:
     pump: Pump = request.app.state.pump
     observer: Observer = request.app.state.observer
     state = pump.state
+    stats = pump.statistics()
+    listeners = {entry.name: entry for entry in stats.listeners}
     agents = state.agents.agents
     out: list[str] = []
 
     def per_listener(attr: str) -> list[tuple[str, float]]:
-        return [(f'listener="{_escape(n)}"', getattr(a, attr)) for n, a in agents.items()]
+        # Every listener the log knows (one removed by a reload keeps its counters).
+        return [(f'listener="{_escape(n)}"', getattr(listeners.get(n) or a, attr))
+                for n, a in agents.items()]
 
     _metric(out, "xml_pipeline_messages_accepted_total", "counter",
             "Messages accepted for each listener.", per_listener("accepted"))
@@ -80,12 +84,11 @@ async def metrics(request: Request) -> Response:
             "Messages dead-lettered per listener.", per_listener("dead_lettered"))
     _metric(out, "xml_pipeline_bus_rejected_messages_total", "counter",
             "Every message the bus refused, those addressed to no listener it has included.",
-            [("", state.threads.rejected)])
+            [("", stats.rejected)])
     depth, in_flight = [], []
-    for name in pump.organism.listeners:
-        stats = pump.mailbox(name).statistics()
-        depth.append((f'listener="{_escape(name)}"', stats.queued))
-        in_flight.append((f'listener="{_escape(name)}"', stats.in_flight))
+    for entry in stats.listeners:
+        depth.append((f'listener="{_escape(entry.name)}"', entry.queued))
+        in_flight.append((f'listener="{_escape(entry.name)}"', entry.in_flight))
     _metric(out, "xml_pipeline_mailbox_depth", "gauge", "Messages waiting in each mailbox.",
             depth)
     _metric(out, "xml_pipeline_in_flight", "gauge", "Handler calls running per listener.",
@@ -98,7 +101,7 @@ async def metrics(request: Request) -> Response:
     out.append("# HELP xml_pipeline_log_append_seconds Time from append to durable and folded.")
     out.append("# TYPE xml_pipeline_log_append_seconds histogram")
     out.extend(pump.append_latency.lines("xml_pipeline_log_append_seconds", ""))
-    log = pump.log.statistics()
+    log = stats.log
     _metric(out, "xml_pipeline_log_position", "gauge", "Position of the last durable event.",
             [("", log.last_position)])
     _metric(out, "xml_pipeline_log_batches_total", "counter", "Write batches (group commits).",

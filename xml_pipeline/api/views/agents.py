@@ -13,6 +13,7 @@ from xml_pipeline.api.responses import ApiError, JSONResponse, listing, timestam
 from xml_pipeline.config import Listener
 from xml_pipeline.llm import KEY_ENV
 from xml_pipeline.pump import Pump
+from xml_pipeline.runtime.statistics import PumpStatistics
 
 __all__ = ["agent", "agent_config", "agent_schema", "agents", "capabilities", "capability",
            "find_listener"]
@@ -68,9 +69,9 @@ async def capability(request: Request) -> Response:
     return JSONResponse(_capability(find_listener(pump, request.path_params["name"]), full=True))
 
 
-def _agent(pump: Pump, listener: Listener) -> dict[str, Any]:
+def _agent(pump: Pump, listener: Listener, stats: PumpStatistics) -> dict[str, Any]:
     info = pump.state.agents.agents.get(listener.name)
-    mailbox = pump.mailbox(listener.name).statistics()
+    mailbox = next(entry for entry in stats.listeners if entry.name == listener.name)
     return {
         "name": listener.name, "description": listener.description,
         "kind": "agent" if listener.agent else "handler",
@@ -101,7 +102,8 @@ async def agents(request: Request) -> Response:
     """
     pump = pump_of(request)
     limit, offset = page(request)
-    items = [_agent(pump, item) for item in pump.organism.listeners.values()]
+    stats = pump.statistics()
+    items = [_agent(pump, item, stats) for item in pump.organism.listeners.values()]
     return JSONResponse(listing("agents", items[offset:offset + limit], total=len(items),
                                 limit=limit, offset=offset))
 
@@ -115,7 +117,8 @@ async def agent(request: Request) -> Response:
       "404": {$ref: "#/components/responses/NotFound"}
     """
     pump = pump_of(request)
-    return JSONResponse(_agent(pump, find_listener(pump, request.path_params["name"])))
+    listener = find_listener(pump, request.path_params["name"])
+    return JSONResponse(_agent(pump, listener, pump.statistics()))
 
 
 async def agent_config(request: Request) -> Response:

@@ -233,7 +233,9 @@ async def test_a_kill_revokes_the_lease_of_a_handler_in_flight(
         bus: tuple[Pump, MemoryLog, Any]) -> None:
     pump, log, handlers = bus
     accepted = await pump.inject(item(1), to="blocker")
-    await pump.wait_until(lambda: len(handlers.contexts) == 1)
+    # In the handler, and its lease folded (the handler may start before that is durable).
+    await pump.wait_until(lambda: len(handlers.contexts) == 1
+                          and bool(pump.state.scheduling.leases))
     (ctx,) = handlers.contexts
     held = pump.statistics()
     blocker = next(entry for entry in held.listeners if entry.name == "blocker")

@@ -247,6 +247,7 @@ async def test_a_kill_revokes_the_lease_of_a_handler_in_flight(
     with pytest.raises(LeaseLostError):
         await ctx.send("sink", item(2))
     assert pump.state.scheduling.leases == {}
+    await pump.wait_idle()  # the refused send is recorded
     after = pump.statistics()
     assert (after.leases, after.idle, after.position) == (0, True, log.last_position)
     assert pump.state.threads.threads[accepted.thread_id].status == "killed"

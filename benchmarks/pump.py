@@ -27,7 +27,7 @@ from lxml import etree
 from xml_pipeline.config import load_organism
 from xml_pipeline.envelope import envelope_schema
 from xml_pipeline.log.file import open_file_log
-from xml_pipeline.pump import open_pump
+from xml_pipeline.runtime.pump import open_pump
 from xml_pipeline.schemas import load_schema
 from xml_pipeline.xmlsafe import parse_xml
 

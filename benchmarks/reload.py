@@ -26,8 +26,8 @@ import watchfiles
 from xml_pipeline.config import load_organism
 from xml_pipeline.events import Event, OrganismReloaded
 from xml_pipeline.log.file import open_file_log
-from xml_pipeline.pump import open_pump
-from xml_pipeline.reload import watch
+from xml_pipeline.runtime.pump import open_pump
+from xml_pipeline.runtime.reload import watch
 
 ITEM_XSD = """<?xml version="1.0"?>
 <xs:schema xmlns:xs="http://www.w3.org/2001/XMLSchema">

@@ -15,8 +15,8 @@ from tests.test_pump import ITEM_XSD, ORGANISM
 from xml_pipeline.api import app as api_app
 from xml_pipeline.api.app import create_app
 from xml_pipeline.config import Organism, load_organism
-from xml_pipeline.pump import Pump
-from xml_pipeline.reload import watch as reload_watch
+from xml_pipeline.runtime.pump import Pump
+from xml_pipeline.runtime.reload import watch as reload_watch
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ from xml_pipeline.envelope import format_timestamp
 from xml_pipeline.errors import LogCorruptedError
 from xml_pipeline.events import CATALOGUE, Event, MessageAccepted, MessageDelivered, Recorded
 from xml_pipeline.log.file import open_file_log
-from xml_pipeline.pump import Pump, open_pump
+from xml_pipeline.runtime.pump import Pump, open_pump
 
 Frame = dict[str, str]
 

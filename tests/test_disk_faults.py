@@ -18,7 +18,7 @@ from xml_pipeline.config import load_organism
 from xml_pipeline.errors import LogWriteError
 from xml_pipeline.events import HandlerSucceeded, MessageAccepted, MessageDelivered
 from xml_pipeline.log.file import open_file_log
-from xml_pipeline.pump import Pump, open_pump
+from xml_pipeline.runtime.pump import Pump, open_pump
 from xml_pipeline.state import replay
 
 

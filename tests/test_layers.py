@@ -18,8 +18,7 @@ LAYERS = [
     {"events"},
     {"log"},
     {"state"},
-    {"mailbox", "handlers", "ledger", "router", "delivery", "llm", "snapshotter", "pump", "reload",
-     "runtime"},
+    {"runtime"},
     {"api", "cli", "__main__", "__init__"},
 ]
 

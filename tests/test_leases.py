@@ -28,7 +28,7 @@ from xml_pipeline.events import (
     Recorded,
 )
 from xml_pipeline.log.memory import MemoryLog
-from xml_pipeline.pump import Pump, open_pump
+from xml_pipeline.runtime.pump import Pump, open_pump
 from xml_pipeline.state import State, project, replay
 from xml_pipeline.state.scheduling import Lease, check, grant
 

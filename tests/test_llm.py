@@ -15,7 +15,7 @@ from tests.messages_stub import Answer, Stub, messages_stub
 from xml_pipeline.config import Organism, load_organism
 from xml_pipeline.events import BudgetExhausted, ModelResponded, TokensUsed
 from xml_pipeline.log.file import open_file_log
-from xml_pipeline.pump import open_pump
+from xml_pipeline.runtime.pump import open_pump
 from xml_pipeline.state import replay
 
 NOTE_XSD = """<?xml version="1.0"?>

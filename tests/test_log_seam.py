@@ -30,7 +30,7 @@ from xml_pipeline.events import (
 )
 from xml_pipeline.log import EventLog
 from xml_pipeline.log.memory import MemoryLog
-from xml_pipeline.pump import Pump, open_pump
+from xml_pipeline.runtime.pump import Pump, open_pump
 from xml_pipeline.state import replay
 
 ITEM_XSD = """<?xml version="1.0"?>

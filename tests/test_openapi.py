@@ -34,7 +34,7 @@ from xml_pipeline.api import app as api_app
 from xml_pipeline.api.app import create_app
 from xml_pipeline.api.openapi import GUARDS, OPERATION_IDS, document
 from xml_pipeline.config import Organism, load_organism
-from xml_pipeline.pump import open_pump
+from xml_pipeline.runtime.pump import open_pump
 
 TOKEN = "openapi-token"
 #: Served under /api/v1 but not operations of the document: the document itself, and the

@@ -20,7 +20,7 @@ from xml_pipeline.config import Organism, load_organism
 from xml_pipeline.errors import OrganismError
 from xml_pipeline.events import MessageRejected
 from xml_pipeline.log.file import open_file_log
-from xml_pipeline.pump import Pump
+from xml_pipeline.runtime.pump import Pump
 from xml_pipeline.state import replay
 
 LIMITED = ORGANISM.replace(

@@ -12,7 +12,6 @@ import pytest
 
 from tests import handlers
 from tests.conftest import write_organism
-from xml_pipeline import delivery
 from xml_pipeline.config import load_organism
 from xml_pipeline.envelope import ENVELOPE_NS
 from xml_pipeline.errors import (
@@ -32,7 +31,8 @@ from xml_pipeline.events import (
     ThreadKilled,
 )
 from xml_pipeline.log.file import FileLog, open_file_log
-from xml_pipeline.pump import Pump, open_pump
+from xml_pipeline.runtime import delivery
+from xml_pipeline.runtime.pump import Pump, open_pump
 from xml_pipeline.state import replay
 
 ITEM_XSD = """<?xml version="1.0"?>

@@ -28,8 +28,8 @@ from xml_pipeline.events import (
     ReloadRejected,
 )
 from xml_pipeline.log.file import FileLog, open_file_log
-from xml_pipeline.pump import Pump, open_pump
-from xml_pipeline.reload import ReloadResult, reload_organism, watch
+from xml_pipeline.runtime.pump import Pump, open_pump
+from xml_pipeline.runtime.reload import ReloadResult, reload_organism, watch
 from xml_pipeline.state import replay
 
 ITEM_XSD = """<?xml version="1.0"?>
@@ -240,7 +240,7 @@ async def test_twenty_reloads_under_traffic_lose_nothing_and_deliver_nothing_twi
 
 async def test_a_good_save_after_a_rejected_one_says_the_organism_is_good_again(
         watched: Watched, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="xml_pipeline.reload")
+    caplog.set_level(logging.INFO, logger="xml_pipeline.runtime.reload")
     good = organism_yaml(watched.module)
     broken = good.replace("description: d", "descripton: d", 1)
     rejected = await watched.edit("organism.yaml", broken)
@@ -256,7 +256,7 @@ async def test_a_good_save_after_a_rejected_one_says_the_organism_is_good_again(
                                                              description="fixed"))
     assert (fixed.recovered, fixed.describe()) == (True, "updated 'a' (description)")
     assert watched.pump.state.agents.last_reload_error is None
-    said = [r.getMessage() for r in caplog.records if r.name == "xml_pipeline.reload"]
+    said = [r.getMessage() for r in caplog.records if r.name == "xml_pipeline.runtime.reload"]
     assert said[1] == ("The organism is good again after the rejected reload: no change.")
     assert said[3] == ("The organism is good again after the rejected reload: "
                        "updated 'a' (description).")
@@ -271,13 +271,13 @@ async def test_a_good_save_after_a_rejected_one_says_the_organism_is_good_again(
 async def test_an_edit_that_changes_something_is_described(watched: Watched,
                                                            caplog: pytest.LogCaptureFixture
                                                            ) -> None:
-    caplog.set_level(logging.INFO, logger="xml_pipeline.reload")
+    caplog.set_level(logging.INFO, logger="xml_pipeline.runtime.reload")
     result = await watched.edit("organism.yaml", organism_yaml(
         watched.module, description="new", with_b=False, extra=(
             f"""  - {{name: c, description: new, payload: schemas/item.xsd,
      handler: "{watched.module}:record"}}\n""")))
     assert result.recovered is False
-    said = [r.getMessage() for r in caplog.records if r.name == "xml_pipeline.reload"]
+    said = [r.getMessage() for r in caplog.records if r.name == "xml_pipeline.runtime.reload"]
     assert said == ["Organism reloaded: added 'c'; removed 'b'; updated 'a' (description)."]
 
 
@@ -431,7 +431,7 @@ async def test_a_paused_listener_removed_and_added_back_runs(tmp_path: Path) -> 
 
 def test_the_reload_doc_gives_the_debounce_of_the_code() -> None:
     from tests.conftest import ROOT
-    from xml_pipeline.reload import DEBOUNCE_MS
+    from xml_pipeline.runtime.reload import DEBOUNCE_MS
 
     text = (ROOT / "docs" / "reload.md").read_text()
     figures = {int(n) for sentence in re.split(r"(?<=\.)\s", text) if "debounc" in sentence

@@ -51,7 +51,7 @@ from xml_pipeline.events import (
 )
 from xml_pipeline.log.file import FileLog, open_file_log, verify_log
 from xml_pipeline.log.file.segments import GENESIS, HEADER, HEADER_SIZE, make_frame, segments
-from xml_pipeline.pump import Pump, open_pump
+from xml_pipeline.runtime.pump import Pump, open_pump
 from xml_pipeline.schemas import load_schema
 from xml_pipeline.state import replay
 

@@ -24,7 +24,7 @@ from xml_pipeline.log import EventLog
 from xml_pipeline.log.file import FileLog, open_file_log
 from xml_pipeline.log.file.snapshots import FileSnapshots
 from xml_pipeline.log.memory import MemoryLog
-from xml_pipeline.pump import Pump, open_pump
+from xml_pipeline.runtime.pump import Pump, open_pump
 from xml_pipeline.state import State, replay, restore
 
 EVERY = 50
@@ -37,7 +37,7 @@ CHILD = textwrap.dedent("""
     from pathlib import Path
     from xml_pipeline.log.file import open_file_log
     from xml_pipeline.config import load_organism
-    from xml_pipeline.pump import open_pump
+    from xml_pipeline.runtime.pump import open_pump
 
     async def main(organism: Path, data: Path) -> None:
         log = await open_file_log(data)
@@ -163,7 +163,7 @@ async def test_a_graceful_stop_waits_for_a_periodic_snapshot_then_saves_its_own(
 async def test_a_snapshot_that_cannot_be_written_changes_nothing_else(
         organism_path: Path, log: FileLog, caplog: pytest.LogCaptureFixture) -> None:
     (log.directory / "snapshots").write_text("a file where the folder should be")
-    caplog.set_level(logging.WARNING, logger="xml_pipeline.pump")
+    caplog.set_level(logging.WARNING, logger="xml_pipeline.runtime.pump")
 
     def warned() -> bool:
         return any(r.getMessage().startswith("could not save a snapshot of position ")
@@ -227,7 +227,7 @@ async def test_a_restart_after_sigkill_resumes_from_the_periodic_snapshot(
 
 async def test_a_reload_changes_how_often_snapshots_are_taken(
         organism_path: Path, log: FileLog) -> None:
-    from xml_pipeline.reload import reload_organism
+    from xml_pipeline.runtime.reload import reload_organism
 
     async with open_pump(load_organism(organism_path), log, snapshot_every=10**9) as pump:
         await inject_conversations(pump, 2)

@@ -31,8 +31,8 @@ from xml_pipeline.api.responses import ApiError, JSONResponse, client_gone, erro
 from xml_pipeline.config import Organism
 from xml_pipeline.errors import XmlPipelineError
 from xml_pipeline.log import open_log
-from xml_pipeline.pump import Pump, open_pump
-from xml_pipeline.reload import watch as reload_watch
+from xml_pipeline.runtime.pump import Pump, open_pump
+from xml_pipeline.runtime.reload import watch as reload_watch
 
 __all__ = ["create_app", "open_organism"]
 

@@ -14,7 +14,7 @@ from starlette.responses import Response
 
 from xml_pipeline.events import Event, HandlerSucceeded
 from xml_pipeline.histogram import Histogram
-from xml_pipeline.pump import Pump
+from xml_pipeline.runtime.pump import Pump
 from xml_pipeline.state.budgets import UsageTotals
 
 __all__ = ["Histogram", "Observer", "metrics"]

@@ -16,7 +16,7 @@ import msgspec
 from starlette.requests import HTTPConnection, Request
 
 from xml_pipeline.api.responses import ApiError
-from xml_pipeline.pump import Pump
+from xml_pipeline.runtime.pump import Pump
 
 __all__ = ["caller", "integer", "page", "parse_json", "pump_of"]
 

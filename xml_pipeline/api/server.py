@@ -30,7 +30,7 @@ from xml_pipeline.api.app import create_app, open_organism
 from xml_pipeline.api.auth import TOKEN_ENV
 from xml_pipeline.api.stream import close_streams
 from xml_pipeline.config import Organism
-from xml_pipeline.pump import Pump
+from xml_pipeline.runtime.pump import Pump
 
 __all__ = ["CannotBindError", "Server", "UnsafeBindError", "config", "is_loopback",
            "listening_socket", "loop_name", "run_until_complete", "serve", "steady_heap"]

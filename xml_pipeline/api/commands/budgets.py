@@ -15,7 +15,7 @@ from xml_pipeline.api.responses import ApiError, JSONResponse
 from xml_pipeline.api.views import budgets as budget_views
 from xml_pipeline.api.views.threads import no_thread
 from xml_pipeline.api.views.usage import agent_usage
-from xml_pipeline.pump import Pump
+from xml_pipeline.runtime.pump import Pump
 from xml_pipeline.state.budget_keys import ThreadAgentKey
 
 __all__ = ["agent_budget", "organism_budget", "thread_budget"]

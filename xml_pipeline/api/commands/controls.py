@@ -10,7 +10,7 @@ from starlette.responses import Response
 from xml_pipeline.api.requests import caller, pump_of
 from xml_pipeline.api.responses import ApiError, JSONResponse
 from xml_pipeline.api.views.threads import no_thread
-from xml_pipeline.reload import reload_organism
+from xml_pipeline.runtime.reload import reload_organism
 
 __all__ = ["kill", "pause", "reload", "resume", "retry", "stop", "usage_reset"]
 

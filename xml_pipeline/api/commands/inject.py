@@ -22,8 +22,8 @@ from starlette.types import Receive, Scope, Send
 from xml_pipeline.api.requests import parse_json, pump_of
 from xml_pipeline.api.responses import ApiError, JSONResponse, client_gone, encode, error_response
 from xml_pipeline.errors import XmlPipelineError, XmlTooLargeError
-from xml_pipeline.pump import Pump
-from xml_pipeline.router import Accepted
+from xml_pipeline.runtime.pump import Pump
+from xml_pipeline.runtime.router import Accepted
 
 __all__ = ["direct", "inject"]
 

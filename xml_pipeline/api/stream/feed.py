@@ -22,7 +22,7 @@ from xml_pipeline.api.stream.subscription import Filter, Subscription
 from xml_pipeline.envelope import format_timestamp
 from xml_pipeline.errors import LogCorruptedError
 from xml_pipeline.events import Recorded
-from xml_pipeline.pump import Pump
+from xml_pipeline.runtime.pump import Pump
 
 __all__ = ["ERROR", "LAGGING", "MAX_LAG", "Item", "close_streams", "closing_event", "feed"]
 

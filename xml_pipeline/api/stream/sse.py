@@ -14,7 +14,7 @@ from starlette.types import Message, Receive, Scope, Send
 from xml_pipeline.api.responses import ApiError, error_response
 from xml_pipeline.api.stream.feed import Item, closing_event, feed
 from xml_pipeline.api.stream.subscription import as_position, subscription
-from xml_pipeline.pump import Pump
+from xml_pipeline.runtime.pump import Pump
 
 __all__ = ["KEEPALIVE_INTERVAL", "events"]
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from xml_pipeline.api.responses import ApiError
 from xml_pipeline.events import CATALOGUE, Event
-from xml_pipeline.pump import Pump
+from xml_pipeline.runtime.pump import Pump
 
 __all__ = ["Filter", "Subscription", "as_position", "subscription"]
 

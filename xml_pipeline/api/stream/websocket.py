@@ -18,7 +18,7 @@ from starlette.websockets import (
 from xml_pipeline.api.responses import ApiError
 from xml_pipeline.api.stream.feed import ERROR, LAGGING, closing_event, feed
 from xml_pipeline.api.stream.subscription import Subscription, subscription
-from xml_pipeline.pump import Pump
+from xml_pipeline.runtime.pump import Pump
 
 __all__ = ["DAMAGED_CLOSE_CODE", "LAGGING_CLOSE_CODE", "SHUTDOWN_CLOSE_CODE",
            "websocket_events"]

@@ -11,8 +11,8 @@ from starlette.responses import Response
 from xml_pipeline.api.requests import page, pump_of
 from xml_pipeline.api.responses import ApiError, JSONResponse, listing, timestamp
 from xml_pipeline.config import Listener
-from xml_pipeline.llm import KEY_ENV
-from xml_pipeline.pump import Pump
+from xml_pipeline.runtime.llm import KEY_ENV
+from xml_pipeline.runtime.pump import Pump
 from xml_pipeline.runtime.statistics import PumpStatistics
 
 __all__ = ["agent", "agent_config", "agent_schema", "agents", "capabilities", "capability",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from xml_pipeline.pump import Pump
+from xml_pipeline.runtime.pump import Pump
 from xml_pipeline.state.budget_keys import (
     AgentKey,
     BudgetKey,

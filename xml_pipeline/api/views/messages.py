@@ -14,7 +14,7 @@ from xml_pipeline.api.requests import integer, page, pump_of
 from xml_pipeline.api.responses import JSONResponse, listing, timestamp
 from xml_pipeline.api.views.threads import find_thread
 from xml_pipeline.events import MessageAccepted
-from xml_pipeline.pump import Pump
+from xml_pipeline.runtime.pump import Pump
 
 __all__ = ["dead_letters", "messages", "thread_messages"]
 

@@ -10,7 +10,7 @@ from starlette.responses import Response
 
 from xml_pipeline.api.requests import page, pump_of
 from xml_pipeline.api.responses import ApiError, JSONResponse, listing, timestamp
-from xml_pipeline.pump import Pump
+from xml_pipeline.runtime.pump import Pump
 from xml_pipeline.state.threads import ThreadInfo
 
 __all__ = ["find_thread", "no_thread", "thread", "threads"]

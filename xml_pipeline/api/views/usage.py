@@ -12,7 +12,7 @@ from xml_pipeline.api.responses import JSONResponse, listing, timestamp
 from xml_pipeline.api.views.agents import find_listener
 from xml_pipeline.api.views.budgets import budget_summary, thread_budget
 from xml_pipeline.api.views.threads import find_thread
-from xml_pipeline.pump import Pump
+from xml_pipeline.runtime.pump import Pump
 from xml_pipeline.state.budget_keys import AgentKey
 from xml_pipeline.state.budgets import UsageTotals
 

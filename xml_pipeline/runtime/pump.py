@@ -27,7 +27,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from xml_pipeline.config import Listener, Organism
-from xml_pipeline.delivery import Deliverer
 from xml_pipeline.envelope import LOGGED_LIMITS, parse_envelope
 from xml_pipeline.errors import (
     BusyError,
@@ -53,16 +52,17 @@ from xml_pipeline.events import (
     ThreadKilled,
     UsageReset,
 )
-from xml_pipeline.handlers import Payload
 from xml_pipeline.histogram import Histogram
 from xml_pipeline.ids import IdFactory
-from xml_pipeline.ledger import Ledger
-from xml_pipeline.llm import AgentRuntime
 from xml_pipeline.log import EventLog
-from xml_pipeline.mailbox import Delivery, Mailbox
-from xml_pipeline.router import Accepted, Router
+from xml_pipeline.runtime.delivery import Deliverer
+from xml_pipeline.runtime.handlers import Payload
+from xml_pipeline.runtime.ledger import Ledger
+from xml_pipeline.runtime.llm import AgentRuntime
+from xml_pipeline.runtime.mailbox import Delivery, Mailbox
+from xml_pipeline.runtime.router import Accepted, Router
+from xml_pipeline.runtime.snapshotter import Snapshotter
 from xml_pipeline.runtime.statistics import ListenerStatistics, PumpStatistics
-from xml_pipeline.snapshotter import Snapshotter
 from xml_pipeline.state import State, replay, restore
 from xml_pipeline.state.agents import pause as decide_pause
 from xml_pipeline.state.agents import resume as decide_resume
@@ -75,7 +75,7 @@ from xml_pipeline.version import __version__
 
 __all__ = ["Accepted", "Pump", "open_pump"]
 
-_log = logging.getLogger("xml_pipeline.pump")
+_log = logging.getLogger("xml_pipeline.runtime.pump")
 
 SNAPSHOT_EVERY = 100_000
 

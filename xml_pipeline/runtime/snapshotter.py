@@ -14,11 +14,11 @@ import asyncio
 import logging
 import sys
 
-from xml_pipeline.ledger import Ledger
+from xml_pipeline.runtime.ledger import Ledger
 
 __all__ = ["Snapshotter"]
 
-_log = logging.getLogger("xml_pipeline.pump")
+_log = logging.getLogger("xml_pipeline.runtime.pump")
 
 _NEVER = sys.maxsize
 

@@ -22,12 +22,12 @@ from typing import Any
 
 from xml_pipeline.config import Organism, load_organism
 from xml_pipeline.errors import OrganismError
-from xml_pipeline.pump import Pump, budgets_of
+from xml_pipeline.runtime.pump import Pump, budgets_of
 
 __all__ = ["DEBOUNCE_MS", "ReloadResult", "diff_organisms", "handler_code_digest",
            "reload_organism", "restart_needed", "watch", "watched_files"]
 
-_log = logging.getLogger("xml_pipeline.reload")
+_log = logging.getLogger("xml_pipeline.runtime.reload")
 
 #: How long the watcher waits for a burst of writes (an editor's save) to end before it
 #: reloads, in milliseconds. docs/reload.md gives this figure.

@@ -40,9 +40,9 @@ from xml_pipeline.events import (
     MessageDropped,
     MessageRetried,
 )
-from xml_pipeline.handlers import Context, HandlerInfo, Payload
-from xml_pipeline.ledger import Ledger
-from xml_pipeline.mailbox import Delivery, Mailbox
+from xml_pipeline.runtime.handlers import Context, HandlerInfo, Payload
+from xml_pipeline.runtime.ledger import Ledger
+from xml_pipeline.runtime.mailbox import Delivery, Mailbox
 from xml_pipeline.state.scheduling import Lease, check, grant
 from xml_pipeline.types import Clock
 
@@ -60,7 +60,7 @@ class Held(enum.Enum):
 
 
 
-_log = logging.getLogger("xml_pipeline.pump")
+_log = logging.getLogger("xml_pipeline.runtime.pump")
 
 #: deliveries a worker makes before it lets the rest of the event loop run
 TURN = 256

@@ -41,9 +41,9 @@ from xml_pipeline.events import (
     TokensReserved,
     TokensUsed,
 )
-from xml_pipeline.handlers import Context, system_error
 from xml_pipeline.ids import IdFactory
-from xml_pipeline.ledger import Ledger
+from xml_pipeline.runtime.handlers import Context, system_error
+from xml_pipeline.runtime.ledger import Ledger
 from xml_pipeline.state.budgets import blocking, gauges
 from xml_pipeline.types import Clock
 from xml_pipeline.xmlsafe import parse_xml

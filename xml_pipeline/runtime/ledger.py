@@ -33,7 +33,7 @@ from xml_pipeline.types import Clock
 
 __all__ = ["Ledger"]
 
-_log = logging.getLogger("xml_pipeline.pump")
+_log = logging.getLogger("xml_pipeline.runtime.pump")
 _OUTCOMES = (HandlerSucceeded, MessageDeadLettered, MessageDropped)
 _Batch = list[tuple[list[Event], "asyncio.Future[list[int]]"]]
 #: an append the log made durable: its last position, the batch and the positions

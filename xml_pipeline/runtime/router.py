@@ -39,10 +39,10 @@ from xml_pipeline.errors import (
     XmlPipelineError,
 )
 from xml_pipeline.events import MessageAccepted, MessageRejected
-from xml_pipeline.handlers import Payload, coerce_payload, system_error
 from xml_pipeline.ids import IdFactory
-from xml_pipeline.ledger import Ledger
-from xml_pipeline.mailbox import Delivery, Mailbox
+from xml_pipeline.runtime.handlers import Payload, coerce_payload, system_error
+from xml_pipeline.runtime.ledger import Ledger
+from xml_pipeline.runtime.mailbox import Delivery, Mailbox
 from xml_pipeline.state.scheduling import Lease, check
 from xml_pipeline.types import Clock
 

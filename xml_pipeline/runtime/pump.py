@@ -1,27 +1,18 @@
-"""The pump: accepts envelopes, appends them to the log, and delivers them to mailboxes.
+"""The pump: the wiring of the runtime, and its public face.
 
-Every message, injected or sent by a handler, goes through ``_accept``: route (listener exists,
-peer declared, thread open), validate the payload against the target's schema, append
-``MessageAccepted`` (or ``MessageRejected`` with the reason), then put it in the target's
-mailbox. Each event is durable before it takes effect and is folded into ``state`` with the
-same ``State.apply`` a replay uses.
-
-``open_pump`` replays the log, redelivers every accepted message without a final outcome
-(flagged as a redelivery), runs the workers in one task group, and on exit stops gracefully:
-accept nothing new, let in-flight handlers finish within ``stop_timeout``, record
-``OrganismStopped``, save a snapshot.
-
-The pump also has its log keep a snapshot every ``snapshot_every`` records while it runs
-(``snapshotter``), so that a start after a crash replays only the records after it, and it
-starts from the newest one.
+``open_pump`` replays the log (from the newest snapshot), then, while the ledger follows the
+log and folds it, records the start, recovers every unfinished message (``recovery``), runs
+the workers (``delivery``) in one task group, and on exit stops gracefully: accept nothing
+new, let in-flight handlers finish within ``stop_timeout``, record ``OrganismStopped``, save a
+snapshot. Messages come in through ``inject`` (``router``); controls decide from the fold and
+take effect from it (``effects``); ``statistics()`` and the ``wait_*`` methods are what
+callers read. A snapshot is kept every ``snapshot_every`` records (``snapshotter``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -36,42 +27,35 @@ from xml_pipeline.errors import (
     XmlPipelineError,
 )
 from xml_pipeline.events import (
-    AgentPaused,
-    AgentResumed,
     BudgetRaised,
     Event,
     MessageAccepted,
     MessageDeadLettered,
-    MessageDropped,
     MessageRetried,
-    OrganismLoaded,
     OrganismReloaded,
-    OrganismStarted,
     OrganismStopped,
     ReloadRejected,
-    ThreadKilled,
     UsageReset,
 )
 from xml_pipeline.histogram import Histogram
 from xml_pipeline.ids import IdFactory
 from xml_pipeline.log import EventLog
 from xml_pipeline.runtime.delivery import Deliverer
+from xml_pipeline.runtime.effects import Effects
 from xml_pipeline.runtime.handlers import Payload
 from xml_pipeline.runtime.ledger import Ledger
 from xml_pipeline.runtime.llm import AgentRuntime
 from xml_pipeline.runtime.mailbox import Delivery, Mailbox
+from xml_pipeline.runtime.recovery import recover, start_events
 from xml_pipeline.runtime.router import Accepted, Router
 from xml_pipeline.runtime.snapshotter import Snapshotter
-from xml_pipeline.runtime.statistics import ListenerStatistics, PumpStatistics
+from xml_pipeline.runtime.statistics import PumpStatistics, measure
 from xml_pipeline.state import State, replay, restore
 from xml_pipeline.state.agents import pause as decide_pause
 from xml_pipeline.state.agents import resume as decide_resume
-from xml_pipeline.state.budget_keys import ThreadAgentKey, parse_key
 from xml_pipeline.state.budgets import raised as budget_raised
-from xml_pipeline.state.threads import FINAL
 from xml_pipeline.state.threads import kill as decide_kill
 from xml_pipeline.types import Clock, system_clock
-from xml_pipeline.version import __version__
 
 __all__ = ["Accepted", "Pump", "open_pump"]
 
@@ -100,8 +84,6 @@ class Pump:
         self._stopping = False
         self._workers: list[asyncio.Task[None]] = []
         self._group: asyncio.TaskGroup | None = None
-        #: thread id -> the commit of the drops its kill caused (awaited by ``kill_thread``)
-        self._dropping: dict[str, asyncio.Future[list[int]]] = {}
         #: the position of the snapshot the last start replayed from (0: the whole log)
         self.replayed_from = 0
         self._snapshotter = Snapshotter(ledger=self._ledger, every=snapshot_every or 0)
@@ -114,7 +96,10 @@ class Pump:
                                     listeners=lambda: self.organism.listeners,
                                     send=self._router.send, killed=killed,
                                     agent=self._agents.handle)
+        self._effects = Effects(ledger=self._ledger, clock=clock, mailboxes=self._mailboxes,
+                                deliverer=self._deliverer)
         self._ledger.observers.append(self._on_event)
+        self._ledger.observers.append(self._effects)
 
     # ------------------------------------------------------------ state, through the ledger
 
@@ -226,30 +211,6 @@ class Pump:
     def _on_event(self, position: int, event: Event) -> None:
         if position >= self._snapshotter.due:
             self._snapshotter.save_nowait(self._group)
-        if isinstance(event, AgentPaused | AgentResumed):
-            mailbox = self._mailboxes.get(event.agent)
-            if mailbox is not None:
-                (mailbox.pause if isinstance(event, AgentPaused) else mailbox.resume)()
-        elif isinstance(event, ThreadKilled):
-            self._killed(event.thread_id)
-        elif isinstance(event, BudgetRaised):
-            parked = self._deliverer.parked
-            budget = parse_key(event.scope, event.key)
-            threads = [] if budget is None else [budget.thread_id] \
-                if budget.thread_id is not None else list(parked)
-            for thread_id in threads:
-                waiting = parked.pop(thread_id, [])
-                held = {n for n, _ in waiting if ThreadAgentKey(thread_id, n).key in event.held}
-                still = [(n, d) for n, d in waiting if n in held]
-                if still:
-                    parked[thread_id] = still
-                for name, delivery in waiting:
-                    if name in held:
-                        continue
-                    mailbox = self._mailboxes.get(name)
-                    if mailbox is not None:
-                        delivery.attempts -= 1  # the refused call was not an attempt
-                        mailbox.put(delivery, reserved=False)
 
     async def reset_usage(self, *, by: str) -> None:
         await self._commit([UsageReset(at=self._clock(), by=by)])
@@ -276,72 +237,19 @@ class Pump:
     async def _start(self) -> None:
         """Record the start and recover (once the ledger follows the log)."""
         # After a crash (no OrganismStopped last), any pending message may have been seen.
-        self._clean_start = self.state.agents.status in ("new", "stopped")
-        now = self._clock()
-        events: list[Event] = [OrganismStarted(at=now, name=self.organism.name,
-                                               digest=self.organism.digest, pid=os.getpid(),
-                                               host=socket.gethostname(),
-                                               version=__version__)]
-        if self.state.agents.digest != self.organism.digest:
-            events.append(loaded_event(self.organism, at=now))
-        await self._commit(events)
+        clean_start = self.state.agents.status in ("new", "stopped")
+        await self._commit(start_events(self.state, self.organism, at=self._clock()))
         for name in self.organism.listeners:
             mailbox = Mailbox(capacity=self._capacity)
             info = self.state.agents.agents.get(name)
             if info is not None and info.status == "paused":
                 mailbox.pause()
             self._mailboxes[name] = mailbox
-        await self._recover()
-        self._ledger.count_open()
-
-    async def _recover(self) -> None:
-        messages = self.state.threads.messages
-        pending = {m.message_id: m for m in messages.values() if m.status not in FINAL}
-        if not pending:
-            return
-        start = min(m.position for m in pending.values()) - 1
-        found: dict[str, MessageAccepted] = {}
-        async for record in self.log.read(after=start):
-            event = record.event
-            if isinstance(event, MessageAccepted) and event.message_id in pending:
-                found[event.message_id] = event
-            if len(found) == len(pending):
-                break
-        outcomes: list[Event] = []
-        now = self._clock()
-        for info in sorted(pending.values(), key=lambda m: m.position):
-            accepted = found.get(info.message_id)
-            thread = self.state.threads.threads.get(info.thread_id)
-            if accepted is None:
-                continue
-            if thread is not None and thread.status == "killed":
-                outcomes.append(MessageDropped(at=now, message_id=info.message_id,
-                                               thread_id=info.thread_id, reason="thread killed"))
-                continue
-            mailbox = self._mailboxes.get(info.to)
-            if mailbox is None:
-                outcomes.append(MessageDeadLettered(
-                    at=now, message_id=info.message_id, listener=info.to,
-                    reason=f"Listener {info.to!r} no longer exists in the organism."))
-                continue
-            envelope = parse_envelope(accepted.envelope, limits=LOGGED_LIMITS)
-            mailbox.put(Delivery(message_id=info.message_id, thread_id=info.thread_id,
-                                 sender=info.sender, parent_id=info.parent_id,
-                                 payload=envelope.payload,
-                                 envelope=accepted.envelope.encode("utf-8"),
-                                 redelivery=info.attempts > 0 or not self._clean_start,
-                                 attempts=info.attempts,
-                                 supersedes=self._held_by_before(info.message_id)),
-                        reserved=False)
+        outcomes = await recover(self.state, self.log, self._mailboxes,
+                                 clean_start=clean_start, at=self._clock())
         if outcomes:
             await self._commit(outcomes)
-
-    def _held_by_before(self, message_id: str) -> str | None:
-        """The lease a message still has in the log from before this start: its holder, a
-        worker of the previous run (or one that waits for a budget), is gone, so the
-        recovered delivery supersedes it."""
-        lease = self.state.scheduling.leases.get(message_id)
-        return None if lease is None else lease.lease_id
+        self._ledger.count_open()
 
     # ------------------------------------------------------------ accepting messages
 
@@ -372,8 +280,8 @@ class Pump:
 
     # Each control decides from the fold (``state.agents.pause`` and the like return the
     # event, or None when there is nothing to do) and commits; its effect (a mailbox paused,
-    # a thread's messages dropped) follows the fold of the event, in ``_on_event``, so that
-    # the same event appended by another writer of a shared log has the same effect here.
+    # a thread's messages dropped) follows the fold of the event (``effects``), so that the
+    # same event appended by another writer of a shared log has the same effect here.
 
     async def pause(self, agent: str, *, by: str, reason: str = "") -> str:
         """Pause ``agent``: it receives nothing until resumed; its messages wait, in order.
@@ -401,27 +309,8 @@ class Pump:
             return False
         if event is not None:
             await self._commit([event])
-        dropping = self._dropping.pop(thread_id, None)
-        if dropping is not None:
-            await asyncio.shield(dropping)
+        await self._effects.wait_dropped(thread_id)
         return True
-
-    def _killed(self, thread_id: str) -> None:
-        """The effect of a folded ``ThreadKilled``: its queued and parked messages are dropped
-        (recorded), its handlers cancelled (their outcome is ``MessageDropped``)."""
-        self._ledger.closed(thread_id)
-        now = self._clock()
-        dropped: list[Event] = [
-            MessageDropped(at=now, message_id=delivery.message_id, thread_id=thread_id,
-                           reason="thread killed")
-            for _, delivery in self._deliverer.parked.pop(thread_id, [])]
-        for mailbox in self._mailboxes.values():
-            for delivery in mailbox.drop_thread(thread_id):
-                dropped.append(MessageDropped(at=now, message_id=delivery.message_id,
-                                              thread_id=thread_id, reason="thread killed"))
-        self._deliverer.cancel_thread(thread_id)
-        if dropped:
-            self._dropping[thread_id] = self._commit_soon(dropped)
 
     # ------------------------------------------------------------ waiting and stopping
 
@@ -449,32 +338,9 @@ class Pump:
 
     def statistics(self) -> PumpStatistics:
         """The pump as it is now, in one frozen value (what ``/metrics`` and the API show)."""
-        state = self.state
-        agents = state.agents.agents
-        leased: dict[str, int] = {}
-        for lease in state.scheduling.leases.values():
-            leased[lease.listener] = leased.get(lease.listener, 0) + 1
-        listeners = []
-        for name, mailbox in self._mailboxes.items():
-            info = agents.get(name)
-            box = mailbox.statistics()
-            listeners.append(ListenerStatistics(
-                name=name, status=info.status if info is not None else "running",
-                queued=box.queued, in_flight=box.in_flight, capacity=box.capacity,
-                leased=leased.get(name, 0),
-                accepted=info.accepted if info else 0, rejected=info.rejected if info else 0,
-                delivered=info.delivered if info else 0,
-                succeeded=info.succeeded if info else 0, failed=info.failed if info else 0,
-                dead_lettered=info.dead_lettered if info else 0))
-        threads = state.threads
         fault = self.fault
-        return PumpStatistics(
-            position=state.position, idle=self._idle(), stopping=self._stopping,
-            fault=None if fault is None else str(fault), accepted=threads.accepted,
-            rejected=threads.rejected,
-            open_threads=sum(1 for t in threads.threads.values() if t.open_count > 0),
-            dead_letters=len(threads.dead_letters), leases=len(state.scheduling.leases),
-            listeners=tuple(listeners), log=self.log.statistics())
+        return measure(self.state, self._mailboxes, idle=self._idle(), stopping=self._stopping,
+                       fault=None if fault is None else str(fault), log=self.log.statistics())
 
     async def _stop(self, reason: str) -> None:
         self._stopping = True
@@ -502,20 +368,6 @@ class Pump:
         # A snapshot makes the next start fast. A periodic one still being written finishes
         # first; this one, of the final state, supersedes it.
         await self._snapshotter.save()
-
-
-def budgets_of(organism: Organism) -> dict[str, int | None]:
-    budgets = organism.budgets
-    return {"thread_tokens": budgets.thread_tokens, "agent_tokens": budgets.agent_tokens,
-            "organism_tokens": budgets.organism_tokens}
-
-
-def loaded_event(organism: Organism, *, at: float) -> OrganismLoaded:
-    return OrganismLoaded(
-        at=at, name=organism.name, digest=organism.digest, source=organism.source,
-        budgets=budgets_of(organism), retention=organism.retention.summary(),
-        listeners={name: listener.summary() for name, listener in organism.listeners.items()},
-    )
 
 
 @asynccontextmanager

@@ -22,7 +22,8 @@ from typing import Any
 
 from xml_pipeline.config import Organism, load_organism
 from xml_pipeline.errors import OrganismError
-from xml_pipeline.runtime.pump import Pump, budgets_of
+from xml_pipeline.runtime.pump import Pump
+from xml_pipeline.runtime.recovery import budgets_of
 
 __all__ = ["DEBOUNCE_MS", "ReloadResult", "diff_organisms", "handler_code_digest",
            "reload_organism", "restart_needed", "watch", "watched_files"]

@@ -273,3 +273,16 @@ async def test_every_delivery_is_a_lease_recorded_before_its_outcome(
         assert lease.holder.endswith("/sink.0") and lease.deadline is not None
     assert len({lease.lease_id for _, lease in leases.values()}) == 5
     assert pump.state.scheduling.leases == {}
+
+
+async def test_wait_outcome_returns_once_the_fold_has_the_outcome(
+        bus: tuple[Pump, MemoryLog, Any]) -> None:
+    pump, _, handlers = bus
+    accepted = await pump.inject(item(1), to="blocker")
+    with pytest.raises(KeyError):
+        await pump.wait_outcome("no-such-message")
+    await pump.wait_until(lambda: len(handlers.contexts) == 1
+                          and bool(pump.state.scheduling.leases))
+    assert pump.state.threads.messages[accepted.message_id].status == "delivered"
+    await pump.kill_thread(accepted.thread_id, by="test")
+    assert await pump.wait_outcome(accepted.message_id) in ("dropped", "ended")

@@ -249,6 +249,7 @@ async def test_a_reload_changes_how_often_snapshots_are_taken(
         # fsync is a setting of the open log: it waits for a restart, and says so.
         assert result.success and result.restart_needed == ("log.fsync",)
         assert pump.snapshot_every == 0
+        await pump.wait_until(lambda: not pump.snapshotting)  # one started before may finish
         before = snapshot_files(log)
         await inject_conversations(pump, MESSAGES)
         await pump.wait_idle()

@@ -28,6 +28,7 @@ from xml_pipeline.events import (
 )
 from xml_pipeline.histogram import Histogram
 from xml_pipeline.log import EventLog
+from xml_pipeline.runtime.signal import Signal
 from xml_pipeline.state import State
 from xml_pipeline.types import Clock
 
@@ -55,7 +56,7 @@ class Ledger:
         self._open: dict[str, int] = {}  # open messages per thread, ahead of the fold
         self.appending = 0  # commits not yet folded (or failed)
         self.fault: BaseException | None = None
-        self.signal = asyncio.Event()
+        self.signal = Signal()
         #: called with (position, event) for every event folded, in order (metrics, tails)
         self.observers: list[Callable[[int, Event], None]] = []
         self.append_latency = Histogram()
@@ -98,7 +99,10 @@ class Ledger:
                     finished.append(message.thread_id)
             elif isinstance(event, ThreadCompleted):
                 self._completing.discard(event.thread_id)
-            if not self._settle_scheduled:
+            durable = self._durable
+            if durable and durable[0][0] <= position:
+                self._settle()  # the end of a commit of ours: its waiters go on at once
+            elif not self._settle_scheduled:
                 self._settle_scheduled = True
                 self._loop.call_soon(self._settle)
 
@@ -260,7 +264,5 @@ class Ledger:
 
     def notify(self) -> None:
         """Wake whoever waits for a change (an event nobody waits on needs no replacing)."""
-        if getattr(self.signal, "_waiters", True):
-            self.signal.set()
-            self.signal = asyncio.Event()
+        self.signal.notify()
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from lxml import etree
 
 from xml_pipeline.errors import MailboxFullError
+from xml_pipeline.runtime.signal import Signal
 from xml_pipeline.state.scheduling import Lease
 
 __all__ = ["Delivery", "Mailbox", "MailboxStatistics"]
@@ -63,7 +64,7 @@ class Mailbox:
         self._in_flight = 0
         self._paused = False
         self._closed = False
-        self._signal = asyncio.Event()
+        self._signal = Signal()
 
     # -- producers
 
@@ -104,9 +105,7 @@ class Mailbox:
     def _notify(self) -> None:
         # Wake every waiter; each re-checks its own condition against a fresh signal. An
         # event nobody waits on needs no replacing.
-        if getattr(self._signal, "_waiters", True):
-            self._signal.set()
-            self._signal = asyncio.Event()
+        self._signal.notify()
 
     # -- workers
 

@@ -18,7 +18,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from xml_pipeline.config import Listener, Organism
-from xml_pipeline.envelope import LOGGED_LIMITS, parse_envelope
 from xml_pipeline.errors import (
     BusyError,
     LogError,
@@ -29,7 +28,6 @@ from xml_pipeline.errors import (
 from xml_pipeline.events import (
     BudgetRaised,
     Event,
-    MessageAccepted,
     MessageDeadLettered,
     MessageRetried,
     OrganismReloaded,
@@ -45,15 +43,17 @@ from xml_pipeline.runtime.effects import Effects
 from xml_pipeline.runtime.handlers import Payload
 from xml_pipeline.runtime.ledger import Ledger
 from xml_pipeline.runtime.llm import AgentRuntime
-from xml_pipeline.runtime.mailbox import Delivery, Mailbox
-from xml_pipeline.runtime.recovery import recover, start_events
+from xml_pipeline.runtime.mailbox import Mailbox
+from xml_pipeline.runtime.recovery import delivery_of, recover, start_events
 from xml_pipeline.runtime.router import Accepted, Router
+from xml_pipeline.runtime.signal import Signal
 from xml_pipeline.runtime.snapshotter import Snapshotter
 from xml_pipeline.runtime.statistics import PumpStatistics, measure
 from xml_pipeline.state import State, replay, restore
 from xml_pipeline.state.agents import pause as decide_pause
 from xml_pipeline.state.agents import resume as decide_resume
 from xml_pipeline.state.budgets import raised as budget_raised
+from xml_pipeline.state.threads import FINAL
 from xml_pipeline.state.threads import kill as decide_kill
 from xml_pipeline.types import Clock, system_clock
 
@@ -124,11 +124,8 @@ class Pump:
         return self._ledger.fault
 
     @property
-    def _signal(self) -> asyncio.Event:
+    def _signal(self) -> Signal:
         return self._ledger.signal
-
-    def _notify(self) -> None:
-        self._ledger.notify()
 
     # ------------------------------------------------------------ workers
 
@@ -181,22 +178,14 @@ class Pump:
         if self._deliverer.thread_killed(info.thread_id):
             raise ThreadClosedError(f"Thread {info.thread_id} was killed; its messages cannot "
                                     "be retried.")
-        envelope = None
-        async for record in self.log.read(after=info.position - 1):
-            if isinstance(record.event, MessageAccepted):
-                envelope = record.event.envelope
-            break
-        if envelope is None:
+        delivery = await delivery_of(self.log, info)
+        if delivery is None:
             return False
         await self._commit([MessageRetried(at=self._clock(), message_id=message_id,
                                            listener=info.to, attempt=info.attempts + 1,
                                            delay=0.0, by=by)])
         self._ledger.opened(info.thread_id)
-        parsed = parse_envelope(envelope, limits=LOGGED_LIMITS)
-        self._mailboxes[info.to].put(Delivery(
-            message_id=message_id, thread_id=info.thread_id, sender=info.sender,
-            parent_id=info.parent_id, payload=parsed.payload, envelope=envelope.encode(),
-            attempts=info.attempts), reserved=False)
+        self._mailboxes[info.to].put(delivery, reserved=False)
         return True
 
     async def raise_budget(self, scope: str, key: str, max_tokens: int, *, by: str
@@ -321,6 +310,21 @@ class Pump:
     async def wait_idle(self) -> None:
         """Return once nothing is being accepted or handled and nothing deliverable waits."""
         await self.wait_until(self._idle)
+
+    async def wait_outcome(self, message_id: str) -> str:
+        """The status of ``message_id`` once the fold has its final outcome (``ended``: its
+        thread ended and was forgotten). ``KeyError`` for a message the state lacks."""
+        threads = self.state.threads
+        if message_id not in threads.messages:
+            raise KeyError(message_id)
+
+        def final() -> bool:
+            info = threads.messages.get(message_id)
+            return info is None or info.status in FINAL
+
+        await self.wait_until(final)
+        info = threads.messages.get(message_id)
+        return "ended" if info is None else info.status
 
     async def wait_until(self, condition: Callable[[], bool]) -> None:
         """Return once ``condition()`` holds, checking it after every change the pump makes

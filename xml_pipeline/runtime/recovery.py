@@ -27,10 +27,10 @@ from xml_pipeline.events import (
 from xml_pipeline.log import EventLog
 from xml_pipeline.runtime.mailbox import Delivery, Mailbox
 from xml_pipeline.state import State
-from xml_pipeline.state.threads import FINAL
+from xml_pipeline.state.threads import FINAL, MessageInfo
 from xml_pipeline.version import __version__
 
-__all__ = ["budgets_of", "loaded_event", "recover", "start_events"]
+__all__ = ["budgets_of", "delivery_of", "loaded_event", "recover", "start_events"]
 
 
 def budgets_of(organism: Organism) -> dict[str, int | None]:
@@ -99,3 +99,17 @@ async def recover(state: State, log: EventLog, mailboxes: Mapping[str, Mailbox],
                              supersedes=None if lease is None else lease.lease_id),
                     reserved=False)
     return outcomes
+
+
+async def delivery_of(log: EventLog, info: MessageInfo) -> Delivery | None:
+    """A new delivery of the message ``info`` describes (a dead letter an operator retries),
+    from its ``MessageAccepted`` in the log; None if the log no longer holds it."""
+    async for record in log.read(after=info.position - 1):
+        if not isinstance(record.event, MessageAccepted):
+            return None
+        envelope = record.event.envelope
+        parsed = parse_envelope(envelope, limits=LOGGED_LIMITS)
+        return Delivery(message_id=info.message_id, thread_id=info.thread_id,
+                        sender=info.sender, parent_id=info.parent_id, payload=parsed.payload,
+                        envelope=envelope.encode(), attempts=info.attempts)
+    return None

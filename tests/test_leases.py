@@ -13,6 +13,7 @@ import msgspec
 import pytest
 
 from tests.conftest import write_organism
+from tests.test_pump import ITEM_XSD, item
 from xml_pipeline.config import load_organism
 from xml_pipeline.errors import LeaseLostError
 from xml_pipeline.events import (
@@ -31,16 +32,6 @@ from xml_pipeline.log.memory import MemoryLog
 from xml_pipeline.runtime.pump import Pump, open_pump
 from xml_pipeline.state import State, project, replay
 from xml_pipeline.state.scheduling import Lease, check, grant
-
-ITEM_XSD = """<?xml version="1.0"?>
-<xs:schema xmlns:xs="http://www.w3.org/2001/XMLSchema">
-  <xs:element name="Item">
-    <xs:complexType><xs:sequence>
-      <xs:element name="n" type="xs:string"/>
-    </xs:sequence></xs:complexType>
-  </xs:element>
-</xs:schema>
-"""
 
 HANDLERS = '''
 import asyncio
@@ -84,9 +75,6 @@ async def bus(tmp_path: Path) -> AsyncIterator[tuple[Pump, MemoryLog, Any]]:
     async with open_pump(load_organism(path), log) as pump:
         yield pump, log, sys.modules[module]  # loaded with the organism
 
-
-def item(n: object) -> str:
-    return f"<Item><n>{n}</n></Item>"
 
 
 async def events(log: MemoryLog, kind: type[Event]) -> list[Any]:

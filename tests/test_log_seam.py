@@ -17,6 +17,7 @@ import pytest
 
 from tests.conftest import write_organism
 from tests.shared_log import SharedLog
+from tests.test_pump import ITEM_XSD, item
 from xml_pipeline.config import load_organism
 from xml_pipeline.events import (
     AgentPaused,
@@ -32,16 +33,6 @@ from xml_pipeline.log import EventLog
 from xml_pipeline.log.memory import MemoryLog
 from xml_pipeline.runtime.pump import Pump, open_pump
 from xml_pipeline.state import replay
-
-ITEM_XSD = """<?xml version="1.0"?>
-<xs:schema xmlns:xs="http://www.w3.org/2001/XMLSchema">
-  <xs:element name="Item">
-    <xs:complexType><xs:sequence>
-      <xs:element name="n" type="xs:string"/>
-    </xs:sequence></xs:complexType>
-  </xs:element>
-</xs:schema>
-"""
 
 HANDLERS = '''
 calls = []
@@ -65,9 +56,6 @@ def organism(tmp_path: Path) -> Any:
     loaded = load_organism(path)
     return loaded, sys.modules[module]
 
-
-def item(n: object) -> str:
-    return f"<Item><n>{n}</n></Item>"
 
 
 async def all_of(log: EventLog, kind: type[Event]) -> list[Any]:

@@ -171,7 +171,7 @@ class Deliverer:
         delivery.lease = delivery.holding = lease
         return lease
 
-    async def deliver(self, name: str, delivery: Delivery, holder: str = "") -> None:
+    async def deliver(self, name: str, delivery: Delivery, holder: str) -> None:
         # Outcome events are appended without waiting: the log keeps their order, the fold
         # applies them once durable, and a crash before that only means a redelivery.
         while True:
@@ -198,7 +198,7 @@ class Deliverer:
                                f"{exc.message}")]))
                     return
                 delivery.schema_digest = listener.schema.digest
-            lease = await self._grant(listener, delivery, holder or f"{self._process}/{name}")
+            lease = await self._grant(listener, delivery, holder)
             if lease is None:
                 return
             attempt = lease.attempt

@@ -36,7 +36,6 @@ from xml_pipeline.events import (
     UsageReset,
 )
 from xml_pipeline.histogram import Histogram
-from xml_pipeline.ids import IdFactory
 from xml_pipeline.log import EventLog
 from xml_pipeline.runtime.delivery import Deliverer
 from xml_pipeline.runtime.effects import Effects
@@ -73,7 +72,6 @@ class Pump:
         self.organism = organism
         self.log = log
         self._clock = clock
-        self._ids = IdFactory(clock=clock)
         self._capacity = mailbox_capacity
         self._stop_timeout = stop_timeout
         self._mailboxes: dict[str, Mailbox] = {}
